@@ -1,0 +1,101 @@
+"""Orbax checkpoints of the full train state (params, optimizer, step, RNG) plus a JSON of the
+data position and config; export of the final model in Hugging Face format. Never pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from ftjax.errors import FtjaxError
+
+
+def metric_key(name: Optional[str]) -> str:
+    """``eval_loss`` (TrainingArguments style) and ``loss`` name the same metric."""
+    name = name or "loss"
+    return name[len("eval_"):] if name.startswith("eval_") else name
+
+
+class Checkpointer:
+    """Saves / restores ``{"state": TrainState, "meta": dict}``; keeps the newest
+    ``save_total_limit`` checkpoints and always the best one by ``metric``."""
+
+    def __init__(self, directory: str | Path, save_total_limit: Optional[int] = None,
+                 metric: str = "loss", greater_is_better: bool = False):
+        self.directory = Path(directory).absolute()
+        self.metric = metric_key(metric)
+        keep = []
+        if save_total_limit:
+            keep.append(policies.LatestN(n=save_total_limit))
+            keep.append(policies.BestN(get_metric_fn=lambda m: m[self.metric], reverse=not greater_is_better,
+                                       n=1, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep) if keep else None,
+            best_fn=lambda m: m[self.metric], best_mode="max" if greater_is_better else "min",
+            keep_checkpoints_without_metrics=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def save(self, step: int, state, meta: dict, metrics: Optional[dict] = None) -> None:
+        metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))} or None
+        if metrics is not None and self.metric not in metrics:
+            metrics = None
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)),
+                          metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        return self.manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+        """The state laid out as ``abstract_state`` (ShapeDtypeStructs with shardings) and the meta."""
+        self.wait()
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def resolve_resume(resume: Optional[str], checkpoint_dir: Path) -> tuple[Optional[Path], Optional[int]]:
+    """``"latest"`` or a checkpoint folder ``.../checkpoints/<step>`` -> (manager dir, step)."""
+    if not resume:
+        return None, None
+    if resume == "latest":
+        steps = sorted(int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit()) \
+            if checkpoint_dir.is_dir() else []
+        if not steps:
+            return None, None  # nothing to resume: start fresh
+        return checkpoint_dir, steps[-1]
+    path = Path(resume)
+    if not path.is_dir() or not path.name.isdigit():
+        raise FtjaxError(f"resume_from_checkpoint: {resume} is not a checkpoint folder (.../checkpoints/<step>)")
+    return path.parent, int(path.name)
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings, for restoring straight onto the mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def export_pretrained(model, params, tokenizer, directory: str | Path) -> Path:
+    """``save_pretrained`` (Flax msgpack weights + config) and the tokenizer, loadable by
+    ``FlaxAutoModel*.from_pretrained`` and, with torch installed, by ``pipeline(...)``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, params=jax.device_get(params))
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,113 @@
+"""``ftjax train|eval|predict CONFIG.yaml [key=value ...]``: a thin layer over ``ftjax.trainer``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from ftjax.errors import FtjaxError
+
+
+def _summary(results: dict) -> dict:
+    """One flat line of final metrics (matrices left to results.json)."""
+    flat = {}
+    for section, values in results.items():
+        if not isinstance(values, dict):
+            flat[section] = values
+            continue
+        for k, v in values.items():
+            if isinstance(v, (int, float, str)) or v is None:
+                flat[f"{section}_{k}"] = v
+    return flat
+
+
+def read_records(path: str, text_column: str) -> list[dict]:
+    """Inputs for predict: a .txt file (one text a line), .csv / .tsv, or .jsonl / .json lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise FtjaxError(f"input file not found: {path}")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if suffix in (".csv", ".tsv"):
+        records = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix in (".jsonl", ".json"):
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = [{text_column: line} for line in text.splitlines()]
+    if records and text_column not in records[0]:
+        raise FtjaxError(f"{path}: column '{text_column}' not found (columns: {', '.join(records[0])})")
+    return records
+
+
+def cmd_train(cfg) -> dict:
+    from ftjax.trainer import Trainer
+    return Trainer(cfg).train()
+
+
+def _trained_model(cfg, model: str | None) -> str:
+    export = Path(cfg.training.output_dir) / "export"
+    return model or (str(export) if export.is_dir() else cfg.model.name_or_path)
+
+
+def cmd_eval(cfg, model: str | None) -> dict:
+    from ftjax.trainer import Trainer
+    trainer = Trainer(cfg, model_path=_trained_model(cfg, model))
+    return {split: trainer.evaluate(split) for split in ("validation", "test") if split in trainer.splits}
+
+
+def cmd_predict(cfg, model: str | None, input_path: str, output_path: str | None) -> dict:
+    from ftjax.trainer import Trainer
+    column = cfg.data.text_column
+    records = read_records(input_path, column)
+    trainer = Trainer(cfg, model_path=_trained_model(cfg, model), with_data=False)
+    keep = [i for i, r in enumerate(records) if str(r.get(column) or "").strip()]
+    limit = cfg.model.max_length
+    too_long = sum(len(trainer.tokenizer(str(records[i][column]))["input_ids"]) > limit for i in keep)
+    preds = trainer.predict([records[i] for i in keep]) if keep else []
+    rows = [{**r, "prediction": None, "note": "empty input"} for r in records]
+    for i, p in zip(keep, preds):
+        rows[i] = {**records[i], "prediction": p}
+    out = Path(output_path or Path(cfg.training.output_dir) / "predictions.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"predictions": len(preds), "empty_inputs": len(records) - len(keep),
+            f"truncated_to_{limit}_tokens": too_long, "output": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ftjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "fine-tune or pre-train"), ("eval", "evaluate a trained model"),
+                            ("predict", "predict on a file of texts")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=3e-5")
+        if name != "train":
+            p.add_argument("--model", help="model folder (default: OUTPUT_DIR/export)")
+        if name == "predict":
+            p.add_argument("--input", required=True, help=".txt (one text a line), .csv or .jsonl")
+            p.add_argument("--output", help="JSONL output (default: OUTPUT_DIR/predictions.jsonl)")
+    args = parser.parse_args(argv)
+    try:
+        from ftjax import distributed
+        from ftjax.config import load_config
+        cfg = load_config(args.config, args.overrides)
+        distributed.maybe_initialize()
+        if args.command == "train":
+            result = cmd_train(cfg)
+        elif args.command == "eval":
+            result = cmd_eval(cfg, args.model)
+        else:
+            result = cmd_predict(cfg, args.model, args.input, args.output)
+    except FtjaxError as e:
+        print(f"ftjax: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(_summary(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data loading, tokenized-example batching and host-to-device transfer."""

@@ -1,0 +1,140 @@
+"""Fixed-shape batches from tokenized examples: length buckets, length grouping, masked padding rows.
+
+Every batch is padded to the smallest bucket length that fits its longest row, so the train step
+compiles once per bucket. A short last batch is filled with rows of weight 0 so evaluation never
+drops examples and shapes never change. The batch order of an epoch is a pure function of
+(seed, epoch), so a resumed run skips to its data position without reading anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional
+
+import datasets
+import jax
+import numpy as np
+
+# Value used to pad each known sequence field; a sequence field not listed pads with 0.
+DEFAULT_PAD = {"attention_mask": 0, "token_type_ids": 0, "labels": -100, "special_tokens_mask": 1}
+
+
+def bucket_lengths(buckets: list, max_length: int) -> list[int]:
+    """Sorted bucket lengths capped at ``max_length`` (which is always a bucket)."""
+    return sorted({int(b) for b in buckets if int(b) < max_length} | {int(max_length)})
+
+
+@dataclasses.dataclass
+class BatchStats:
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / max(self.padded_tokens, 1)
+
+
+class Batcher:
+    """Turns a tokenized ``datasets.Dataset`` into numpy batches of a few fixed shapes.
+
+    Args:
+      ds: this process's rows; sequence columns are lists of ints, others scalars.
+      batch_size: rows per batch on this process.
+      max_length: the largest sequence length (last bucket).
+      buckets: candidate padded lengths.
+      pad_id: padding value of ``input_ids``.
+      shuffle / group_by_length / window: training order; evaluation uses file order.
+      process_index / process_count: for the global example ``index`` of each row.
+    """
+
+    def __init__(self, ds: datasets.Dataset, batch_size: int, max_length: int, buckets: list,
+                 pad_id: int, seed: int = 0, shuffle: bool = False, group_by_length: bool = False,
+                 window: int = 32, process_index: int = 0, process_count: int = 1):
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.group_by_length, self.window = group_by_length, window
+        self.buckets = bucket_lengths(buckets, max_length)
+        self.pad = dict(DEFAULT_PAD, input_ids=pad_id, decoder_input_ids=pad_id)
+        self.process_index, self.process_count = process_index, process_count
+        cols = ds.column_names
+        first = ds[0]
+        self.seq_fields = [c for c in cols if isinstance(first[c], list)]
+        self.scalar_fields = [c for c in cols if c not in self.seq_fields]
+        self.columns = ds[:]  # dict of python lists
+        self.lengths = np.array([len(x) for x in self.columns["input_ids"]], np.int64)
+        self.num_examples = len(ds)
+        self.stats = BatchStats()
+
+    def num_batches(self, num_examples: Optional[int] = None) -> int:
+        n = self.num_examples if num_examples is None else num_examples
+        return -(-n // self.batch_size)
+
+    def epoch_order(self, epoch: int, num_batches: Optional[int] = None) -> list[np.ndarray]:
+        """Row indices of each batch of an epoch; -1 marks a padding row."""
+        n, bs = self.num_examples, self.batch_size
+        order = np.arange(n)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(n)
+            if self.group_by_length:
+                win = self.window * bs
+                order = np.concatenate([
+                    chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                    for chunk in np.array_split(order, range(win, n, win))])
+        nb = self.num_batches() if num_batches is None else num_batches
+        padded = np.full(nb * bs, -1)
+        take = min(n, nb * bs)
+        padded[:take] = order[:take]
+        batches = list(padded.reshape(nb, bs))
+        if self.shuffle and self.group_by_length:
+            rng.shuffle(batches)
+        return batches
+
+    def padded_length(self, rows: np.ndarray) -> int:
+        longest = int(self.lengths[rows[rows >= 0]].max(initial=1))
+        return next((b for b in self.buckets if b >= longest), self.buckets[-1])
+
+    def make_batch(self, rows: np.ndarray, length: Optional[int] = None) -> dict[str, np.ndarray]:
+        """Numpy arrays ``[batch, length]`` for sequence fields, ``[batch]`` for scalars, plus
+        ``weight`` (1 real row, 0 padding row) and ``index`` (global example index, -1 padding)."""
+        length = self.padded_length(rows) if length is None else length
+        real = rows >= 0
+        batch = {}
+        for f in self.seq_fields:
+            arr = np.full((len(rows), length), self.pad.get(f, 0), np.int32)
+            for i, r in enumerate(rows):
+                if r >= 0:
+                    seq = self.columns[f][r][:length]
+                    arr[i, :len(seq)] = seq
+            batch[f] = arr
+        for f in self.scalar_fields:
+            values = [self.columns[f][r] if r >= 0 else 0 for r in rows]
+            batch[f] = np.asarray(values, np.float32 if isinstance(values[0], float) else np.int32)
+        batch["weight"] = real.astype(np.float32)
+        batch["index"] = np.where(real, rows * self.process_count + self.process_index, -1).astype(np.int32)
+        self.stats.real_tokens += int(np.minimum(self.lengths[rows[real]], length).sum())
+        self.stats.padded_tokens += len(rows) * length
+        return batch
+
+    def batches(self, epoch: int = 0, start: int = 0, num_batches: Optional[int] = None
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """The epoch's batches from position ``start``; lengths agreed across processes."""
+        order = self.epoch_order(epoch, num_batches)
+        lengths = agree_max([self.padded_length(r) for r in order])
+        for rows, length in list(zip(order, lengths))[start:]:
+            yield self.make_batch(rows, int(length))
+
+
+def agree_max(values: list[int]) -> np.ndarray:
+    """Elementwise max of an int list over all processes (identity with one process)."""
+    arr = np.asarray(values, np.int32)
+    if jax.process_count() == 1:
+        return arr
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(arr)).max(axis=0)
+
+
+def agree_min(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.asarray(multihost_utils.process_allgather(np.int32(value))).min())

@@ -1,0 +1,105 @@
+"""Raw splits from a hub dataset or local files, with the split rule and per-process slicing."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+import datasets
+
+from ftjax.config import DataConfig
+from ftjax.errors import FtjaxError
+
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+             ".txt": "text"}
+
+
+def resolve_path(path: Optional[str]) -> Optional[str]:
+    """Expands ``pkg://package/sub/path`` to a folder inside an installed Python package."""
+    if not path or not path.startswith("pkg://"):
+        return path
+    package, _, rest = path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FtjaxError(f"{path}: the package '{package}' is not installed (run `make install`)")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
+        os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false")
+
+
+def load_file(path: str) -> datasets.Dataset:
+    """One local csv / tsv / json / jsonl / parquet / txt file as a Dataset."""
+    path = resolve_path(path)
+    p = Path(path)
+    if not p.is_file():
+        raise FtjaxError(f"data file not found: {path}")
+    builder = _BUILDERS.get(p.suffix.lower())
+    if builder is None:
+        raise FtjaxError(f"{path}: unsupported file type '{p.suffix}' (use one of {sorted(_BUILDERS)})")
+    kwargs = {}
+    if builder == "csv":
+        kwargs = {"encoding_errors": "replace", "sep": "\t" if p.suffix.lower() == ".tsv" else ","}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
+    except Exception as e:  # datasets raises many kinds; keep one line for the user
+        raise FtjaxError(f"{path}: cannot read as {builder}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise FtjaxError(f"{path}: the file holds no examples")
+    return ds
+
+
+def split_mod10(ds: datasets.Dataset) -> datasets.DatasetDict:
+    """ASSETS.md split rule: i%10==0 -> test, i%10==1 -> validation, the rest -> train."""
+    idx = range(len(ds))
+    return datasets.DatasetDict({
+        "train": ds.select([i for i in idx if i % 10 >= 2]),
+        "validation": ds.select([i for i in idx if i % 10 == 1]),
+        "test": ds.select([i for i in idx if i % 10 == 0]),
+    })
+
+
+def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
+    """train / validation / test splits (those that exist) as configured."""
+    if cfg.dataset_name:
+        if hub_offline():
+            raise FtjaxError(f"dataset '{cfg.dataset_name}' is on the Hugging Face Hub and the Hub is "
+                             "offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); use local files")
+        try:
+            splits = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name)
+        except Exception as e:
+            raise FtjaxError(f"cannot load dataset '{cfg.dataset_name}': {str(e).splitlines()[0]}") from None
+        if "validation" not in splits and "valid" in splits:
+            splits["validation"] = splits.pop("valid")
+    else:
+        if not cfg.train_file:
+            raise FtjaxError("no data: set data.train_file (local file) or data.dataset_name (hub)")
+        files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+        splits = datasets.DatasetDict({k: load_file(v) for k, v in files.items() if v})
+    if cfg.split_rule == "mod10":
+        if len(splits) != 1:
+            raise FtjaxError("data.split_rule=mod10 splits one file: give only data.train_file")
+        splits = split_mod10(splits["train"])
+    for name, ds in splits.items():
+        if len(ds) == 0:
+            raise FtjaxError(f"the {name} split is empty")
+    return splits
+
+
+def subsample(ds: datasets.Dataset, n: Optional[int], seed: int) -> datasets.Dataset:
+    """A seeded random subset of ``n`` examples (all when n is None or larger than the split)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
+
+
+def process_slice(ds: datasets.Dataset, process_index: int, process_count: int) -> datasets.Dataset:
+    """The rows this process reads and tokenizes: every ``process_count``-th row, strided, so the
+    global batches of a many-process run are the same rows as in a one-process run."""
+    if process_count == 1:
+        return ds
+    return ds.shard(num_shards=process_count, index=process_index, contiguous=False)

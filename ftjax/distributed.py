@@ -1,0 +1,29 @@
+"""JAX's multi-controller runtime: one process per host, started the way the cluster asks."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def maybe_initialize() -> None:
+    """Calls ``jax.distributed.initialize`` when the environment asks for many processes.
+
+    - ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``: explicit (any cluster,
+      or several processes on one machine);
+    - ``FTJAX_DISTRIBUTED=auto``: let JAX detect the cluster (TPU pods, SLURM, ...).
+    CPU processes talk through gloo collectives.
+    """
+    if jax.distributed.is_initialized():
+        return
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or os.environ.get("FTJAX_CPU_COLLECTIVES"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if address:
+        jax.distributed.initialize(
+            coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            local_device_ids=None)
+    elif os.environ.get("FTJAX_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()

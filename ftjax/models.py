@@ -1,0 +1,84 @@
+"""Pick and load the transformers Flax class for a task, from a local folder or a hub name."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax.numpy as jnp
+import transformers
+
+from ftjax.config import ModelConfig
+from ftjax.data.loading import hub_offline, resolve_path
+from ftjax.errors import FtjaxError
+
+FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+PT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+
+
+def locate(name_or_path: str, what: str = "model", need_weights: bool = True) -> tuple[str, bool]:
+    """Returns (path or hub name, from_pt) and fails early with one clear line."""
+    path = resolve_path(name_or_path)
+    folder = Path(path)
+    if folder.is_dir():
+        if not need_weights:
+            return str(folder), False
+        if any((folder / f).exists() for f in FLAX_WEIGHTS):
+            return str(folder), False
+        if any((folder / f).exists() for f in PT_WEIGHTS):
+            return str(folder), True  # PyTorch weights, converted to Flax on load (no torch for safetensors)
+        raise FtjaxError(f"{what} folder {folder} holds no weights ({', '.join(FLAX_WEIGHTS + PT_WEIGHTS[:1])})")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FtjaxError(f"{what} folder not found: {path}")
+    if hub_offline():
+        raise FtjaxError(f"{what} '{path}' is not a local folder and the Hugging Face Hub is offline "
+                         "(HF_HUB_OFFLINE=1)")
+    return path, False
+
+
+def compute_dtype(cfg: ModelConfig, bf16: bool):
+    return jnp.bfloat16 if bf16 or cfg.dtype == "bfloat16" else jnp.float32
+
+
+def load_tokenizer(cfg: ModelConfig):
+    name, _ = locate(cfg.tokenizer_name_or_path or cfg.name_or_path, "tokenizer", need_weights=False)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise FtjaxError(f"cannot load tokenizer from '{name}': {str(e).splitlines()[0]}") from None
+
+
+def check_head(name: str, cfg: ModelConfig, head_suffix: str, num_labels: int | None) -> None:
+    """A checkpoint that already has a task head must agree with the requested num_labels."""
+    if num_labels is None:
+        return
+    try:
+        conf = transformers.AutoConfig.from_pretrained(name, revision=cfg.revision,
+                                                       trust_remote_code=cfg.trust_remote_code)
+    except OSError:
+        return
+    has_head = any(a.endswith(head_suffix) for a in (conf.architectures or []))
+    if has_head and conf.num_labels != num_labels:
+        raise FtjaxError(f"model {name} has a {head_suffix} head with {conf.num_labels} labels but the data "
+                         f"has {num_labels}; use a base checkpoint or matching labels")
+
+
+def load_model(auto_class: str, cfg: ModelConfig, bf16: bool = False, **model_kwargs):
+    """The Flax model with its parameters (``model.params``, float32 master weights)."""
+    name, from_pt = locate(cfg.name_or_path)
+    head = auto_class.replace("FlaxAutoModel", "")
+    check_head(name, cfg, head, model_kwargs.get("num_labels"))
+    cls = getattr(transformers, auto_class)
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized head" notices are expected
+    try:
+        return cls.from_pretrained(name, from_pt=from_pt, dtype=compute_dtype(cfg, bf16),
+                                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                   **model_kwargs)
+    except (OSError, ValueError) as e:
+        raise FtjaxError(f"cannot load model from '{name}': {str(e).splitlines()[0]}") from None
+    finally:
+        transformers.logging.set_verbosity(level)
+        logging.getLogger("transformers").setLevel(logging.WARNING)

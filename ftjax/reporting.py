@@ -1,0 +1,64 @@
+"""Run logs: console, a JSONL file, TensorBoard event files and a loss-curve PNG (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+
+class RunLogger:
+    def __init__(self, output_dir: Path, report_to: list[str]):
+        self.main = jax.process_index() == 0
+        self.history: list[dict] = []
+        self.jsonl = self.tb = None
+        if not self.main:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in report_to:
+            self.jsonl = open(output_dir / "log.jsonl", "a")
+        if "tensorboard" in report_to:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict, prefix: str = "") -> None:
+        scalars = {f"{prefix}{k}": v for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        record = {"step": step, **scalars}
+        self.history.append(record)
+        if not self.main:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in scalars.items():
+                if math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def plot(self, path: Path) -> None:
+        """Training and evaluation loss against step."""
+        if not self.main:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("train/loss", "train"), ("eval/loss", "validation")):
+            pts = [(r["step"], r[key]) for r in self.history if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()

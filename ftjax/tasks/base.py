@@ -1,0 +1,87 @@
+"""The small interface every task implements; the trainer, sharding and checkpoints are shared.
+
+A task knows four things: how to turn raw splits into token ids (``prepare``), how to score model
+output (``loss``), what to bring to the host after each eval batch (``outputs``) and how to turn
+those into metrics and predictions (``metrics`` / ``predictions``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import datasets
+import jax
+import numpy as np
+
+from ftjax.config import Config
+from ftjax.errors import FtjaxError
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class Task:
+    name: ClassVar[str]
+    auto_class: ClassVar[str]  # transformers Flax auto class, e.g. FlaxAutoModelForSequenceClassification
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    # ---- data ------------------------------------------------------------------------------
+    def setup(self, splits: datasets.DatasetDict) -> None:
+        """Inspects the raw splits (labels, columns) and raises FtjaxError on bad input."""
+
+    def setup_from_model(self, model_config) -> None:
+        """Label information from a trained model's config (predict without data)."""
+
+    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
+        """Tokenized splits with ``input_ids`` and the task's label field(s)."""
+        raise NotImplementedError
+
+    def model_kwargs(self) -> dict:
+        """Extra config for ``from_pretrained`` (num_labels, id2label...)."""
+        return {}
+
+    # ---- model -----------------------------------------------------------------------------
+    def forward(self, model, params, batch: dict, rng: jax.Array | None, train: bool):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        return model(**inputs, params=params, dropout_rng=rng, train=train).logits
+
+    def loss(self, logits, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(sum of losses over counted rows/tokens, number counted)."""
+        raise NotImplementedError
+
+    def outputs(self, logits, batch: dict) -> dict[str, jax.Array]:
+        """Per-example arrays to bring to the host (leading axis = batch)."""
+        raise NotImplementedError
+
+    # ---- host side -------------------------------------------------------------------------
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict]:
+        raise NotImplementedError
+
+    def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
+        """Tokenized rows for ``ftjax predict`` from raw records."""
+        raise NotImplementedError
+
+
+def require_columns(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
+    missing = [c for c in columns if c and c not in ds.column_names]
+    if missing:
+        raise FtjaxError(f"{split} split: column '{missing[0]}' not found (columns: {', '.join(ds.column_names)})")
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_task(config: Config) -> Task:
+    import ftjax.tasks  # noqa: F401  (registers the built-in tasks)
+    if config.task not in _REGISTRY:
+        raise FtjaxError(f"unknown task '{config.task}' (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[config.task](config)
