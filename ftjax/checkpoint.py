@@ -96,6 +96,7 @@ def export_pretrained(model, params, tokenizer, directory: str | Path) -> Path:
     ``FlaxAutoModel*.from_pretrained`` and, with torch installed, by ``pipeline(...)``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = "float32"  # the weights' dtype; a jnp type here would be written as "numpy"
     model.save_pretrained(directory, params=jax.device_get(params))
     tokenizer.save_pretrained(directory)
     return directory

@@ -161,6 +161,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is float:
             return float(value)
         if tp is str:
+            if isinstance(value, bool):  # YAML 1.1 reads a bare `no` as False
+                return "no" if not value else "yes"
             return str(value)
         if tp is list:
             return list(value) if isinstance(value, (list, tuple)) else [value]

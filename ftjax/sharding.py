@@ -9,6 +9,7 @@ largest remaining dimension of every big array.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Optional
 
@@ -42,6 +43,10 @@ def make_mesh(cfg: MeshConfig, devices: Optional[list] = None) -> Mesh:
         if len(devices) % known:
             raise FtjaxError(f"mesh: {len(devices)} devices do not divide into {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in sizes and int(np.prod(sizes)) < len(devices):
+        logging.getLogger(__name__).warning("mesh %s uses %d of %d devices", sizes, int(np.prod(sizes)),
+                                            len(devices))
+        devices = devices[:int(np.prod(sizes))]
     if int(np.prod(sizes)) != len(devices):
         raise FtjaxError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"{len(devices)} are available")

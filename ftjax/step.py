@@ -80,7 +80,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "weight": weight, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss_sum / denom, "weight": weight, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

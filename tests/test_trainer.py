@@ -1,0 +1,100 @@
+"""End-to-end runs of the shared loop on a tiny BERT (one CPU device unless a test asks for a mesh)."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+from conftest import tiny_overrides
+from ftjax.config import load_config
+from ftjax.errors import FtjaxError
+from ftjax.trainer import Trainer
+
+
+def _train(tiny_model, data, out, **extra):
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model, data, out, **extra)))
+    return trainer, trainer.train()
+
+
+def _leaves(trainer):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.state.params))]
+
+
+def test_train_writes_results_export_and_logs(tiny_model, sentiment_csv, tmp_path):
+    trainer, results = _train(tiny_model, sentiment_csv, tmp_path / "run", **{"training.num_train_epochs": 3})
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["validation"]["accuracy"] == results["validation"]["accuracy"]
+    assert {"accuracy", "f1_macro", "f1_weighted", "precision_macro", "confusion_matrix"} <= set(results["test"])
+    assert results["validation"]["num_examples"] == 12 and results["test"]["num_examples"] == 12
+    train = results["train"]
+    assert train["global_step"] == 3 * 12 and train["train_examples"] == 3 * 96
+    assert train["compiles"]["train_step"] <= 2  # two buckets, no recompiles
+    assert 0 < train["padding_efficiency"] <= 1
+    losses = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train_losses = [r["train/loss"] for r in losses if "train/loss" in r]
+    assert np.mean(train_losses[-3:]) < np.mean(train_losses[:3])
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    model = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "export")
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    for a, b in zip(jax.tree.leaves(model.params), _leaves(trainer)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_same_seed_same_metrics(tiny_model, sentiment_csv, tmp_path):
+    _, a = _train(tiny_model, sentiment_csv, tmp_path / "a")
+    _, b = _train(tiny_model, sentiment_csv, tmp_path / "b")
+    assert a["validation"] == b["validation"] and a["train"]["train_loss"] == b["train"]["train_loss"]
+
+
+def test_resume_after_sigterm_ends_with_the_same_parameters(tiny_model, sentiment_csv, tmp_path, monkeypatch):
+    common = {"training.max_steps": 9, "training.save_strategy": "steps", "training.save_steps": 100,
+              "training.eval_strategy": "no"}
+    full, _ = _train(tiny_model, sentiment_csv, tmp_path / "full", **common)
+
+    original = Trainer.init_state
+
+    def init_then_interrupt_at_step_4(self, total):
+        original(self, total)
+        step = self.train_step
+
+        def wrapped(state, batch):
+            state, metrics = step(state, batch)
+            if int(state.step) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return state, metrics
+        self.train_step = wrapped
+        self.train_step._cache_size = step._cache_size
+
+    monkeypatch.setattr(Trainer, "init_state", init_then_interrupt_at_step_4)
+    stopped, result = _train(tiny_model, sentiment_csv, tmp_path / "resumed", **common)
+    assert "SIGTERM" in result["status"] and result["step"] == 4
+    monkeypatch.setattr(Trainer, "init_state", original)
+    resumed, results = _train(tiny_model, sentiment_csv, tmp_path / "resumed",
+                              **common, **{"training.resume_from_checkpoint": "latest"})
+    assert results["train"]["global_step"] == 9
+    for a, b in zip(_leaves(full), _leaves(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_best_checkpoint_kept_and_loaded_with_early_stopping(tiny_model, sentiment_csv, tmp_path):
+    trainer, results = _train(
+        tiny_model, sentiment_csv, tmp_path / "run",
+        **{"training.num_train_epochs": 30, "training.eval_strategy": "steps", "training.eval_steps": 3,
+           "training.save_strategy": "steps", "training.save_steps": 3, "training.save_total_limit": 1,
+           "training.load_best_model_at_end": "true", "training.early_stopping_patience": 2,
+           "training.learning_rate": 5e-3})
+    train = results["train"]
+    assert train["stopped_by"] == "early_stopping" and train["global_step"] < 30 * 12
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert train["best_step"] in steps and len(steps) <= 2  # newest 1 + the best
+    assert results["validation"]["loss"] == pytest.approx(train["best_metric"], rel=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model, sentiment_csv, tmp_path):
+    with pytest.raises(FtjaxError, match="loss is nan|loss is inf"):
+        _train(tiny_model, sentiment_csv, tmp_path / "run",
+               **{"training.learning_rate": 1e30, "training.max_grad_norm": 0, "training.logging_steps": 1})
