@@ -99,11 +99,13 @@ class Trainer:
                 process_index=jax.process_index(), process_count=jax.process_count())
         return self._batchers[split]
 
-    def _device_batches(self, batcher: Batcher, epoch: int, start: int, num_batches: int, accum: int = 0):
+    def _device_batches(self, batcher: Batcher, epoch: int, start: int, num_batches: int, accum: int = 0,
+                        train: bool = False):
         """Prefetched device batches; train batches get a leading microbatch axis when accumulating."""
         sharding = S.batch_sharding(self.mesh, 1 if accum > 1 else 0)
 
         def transfer(batch):
+            batch = self.task.host_transform(batch, epoch, train)
             if accum > 1:
                 batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
             return to_device(batch, sharding)
@@ -117,11 +119,7 @@ class Trainer:
         return self.task.loss(logits, batch)
 
     def _outputs_fn(self, params, batch):
-        logits = self.task.forward(self.model, params, batch, None, train=False)
-        out = self.task.outputs(logits, batch)
-        if "labels" in batch:
-            out["_loss_sum"], out["_weight"] = self.task.loss(logits, batch)
-        return out
+        return self.task.eval_outputs(self.model, params, batch)
 
     def param_shardings(self, params):
         return S.tree_shardings(params, self.mesh, self.config.mesh.fsdp_min_size)
@@ -276,7 +274,7 @@ class Trainer:
         try:
             while step < total:
                 for batch in self._device_batches(batcher, progress["epoch"], progress["position"],
-                                                  steps_per_epoch, args.gradient_accumulation_steps):
+                                                  steps_per_epoch, args.gradient_accumulation_steps, train=True):
                     self.state, metrics = self.train_step(self.state, batch)
                     step += 1
                     progress["position"] += 1

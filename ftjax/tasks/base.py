@@ -46,6 +46,20 @@ class Task:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return model(**inputs, params=params, dropout_rng=rng, train=train).logits
 
+    def eval_outputs(self, model, params, batch: dict) -> dict[str, jax.Array]:
+        """Runs inside the jitted eval step: per-example outputs plus ``_loss_sum`` / ``_weight``
+        when the batch has labels. Generation tasks override this to decode as well."""
+        logits = self.forward(model, params, batch, None, train=False)
+        out = self.outputs(logits, batch)
+        if "labels" in batch:
+            out["_loss_sum"], out["_weight"] = self.loss(logits, batch)
+        return out
+
+    def host_transform(self, batch: dict[str, np.ndarray], epoch: int, train: bool) -> dict[str, np.ndarray]:
+        """Numpy batch -> numpy batch on the host before transfer (e.g. MLM masking). Must be a pure
+        function of (config seed, epoch, batch["index"]) so a resumed run sees the same data."""
+        return batch
+
     def loss(self, logits, batch: dict) -> tuple[jax.Array, jax.Array]:
         """(sum of losses over counted rows/tokens, number counted)."""
         raise NotImplementedError
