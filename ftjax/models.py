@@ -46,8 +46,8 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         return transformers.AutoTokenizer.from_pretrained(
             name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
-        raise FtjaxError(f"cannot load tokenizer from '{name}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001  (transformers raises OSError, ValueError, AttributeError...)
+        raise FtjaxError(f"cannot load tokenizer from '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def check_head(name: str, cfg: ModelConfig, head_suffix: str, num_labels: int | None) -> None:

@@ -28,7 +28,7 @@ from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.loading import load_splits, process_slice, subsample
 from ftjax.errors import FtjaxError
-from ftjax.models import load_model, load_tokenizer
+from ftjax.models import load_model, load_tokenizer, locate
 from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger
 from ftjax.step import TrainState, make_eval_step, make_train_step
@@ -58,10 +58,11 @@ class Trainer:
         self.mesh = mesh if mesh is not None else S.make_mesh(config.mesh)
         self.output_dir = Path(self.args.output_dir)
         self.is_main = jax.process_index() == 0
-        self.tokenizer = load_tokenizer(config.model)
-        self.splits = self._prepare_data() if with_data else {}
         if model_path:
             config.model.name_or_path = model_path
+        locate(config.model.name_or_path)  # fail on a bad model path before any data work
+        self.tokenizer = load_tokenizer(config.model)
+        self.splits = self._prepare_data() if with_data else {}
         self.model = load_model(self.task.auto_class, config.model, self.args.bf16, seed=self.args.seed,
                                 **(self.task.model_kwargs() if with_data else {}))
         if not with_data:

@@ -58,7 +58,9 @@ def sentiment_csv(tmp_path) -> str:
 def tiny_overrides(model: str, data_file: str, out: Path, **extra) -> list[str]:
     """Overrides that shrink a run to a few seconds on one CPU device."""
     base = {"model.name_or_path": model, "model.max_length": 32, "data.train_file": data_file,
-            "data.split_rule": "mod10", "data.bucket_lengths": "[16, 32]", "training.output_dir": str(out),
+            "data.split_rule": "mod10", "data.text_column": "text", "data.label_column": "label",
+            "data.label_names": "null", "data.max_train_samples": "null", "data.max_eval_samples": "null",
+            "data.bucket_lengths": "[16, 32]", "training.output_dir": str(out),
             "training.per_device_train_batch_size": 8, "training.per_device_eval_batch_size": 16,
             "training.learning_rate": 1e-3, "training.num_train_epochs": 2, "training.logging_steps": 2,
             "training.disable_tqdm": "true", "training.report_to": "[jsonl]", "mesh.data": 1}

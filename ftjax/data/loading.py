@@ -47,6 +47,8 @@ def load_file(path: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
     except Exception as e:  # datasets raises many kinds; keep one line for the user
+        if "corresponds to no data" in str(e):
+            raise FtjaxError(f"{path}: the file holds no examples") from None
         raise FtjaxError(f"{path}: cannot read as {builder}: {str(e).splitlines()[0]}") from None
     if len(ds) == 0:
         raise FtjaxError(f"{path}: the file holds no examples")
