@@ -3,6 +3,9 @@ data position and config; export of the final model in Hugging Face format. Neve
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -100,3 +103,22 @@ def export_pretrained(model, params, tokenizer, directory: str | Path) -> Path:
     model.save_pretrained(directory, params=jax.device_get(params))
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def export_pytorch(directory: str | Path, flax_auto_class: str) -> bool:
+    """Adds PyTorch safetensors weights to an export (so ``transformers.pipeline`` loads it), using
+    transformers' own Flax->PyTorch conversion in a child process so the trainer never imports torch.
+    Returns False when torch is not installed."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    pt_class = flax_auto_class.replace("FlaxAutoModel", "AutoModel")
+    # from_pretrained(from_flax=True) leaves meta tensors in transformers 4.57 + torch 2.13, so build the
+    # model from its config and load the msgpack with transformers' converter.
+    code = ("import sys, transformers as t; "
+            "from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model as load; "
+            f"d = sys.argv[1]; m = t.{pt_class}.from_config(t.AutoConfig.from_pretrained(d)); "
+            "load(m, d + '/flax_model.msgpack').save_pretrained(d, safe_serialization=True)")
+    proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FtjaxError(f"PyTorch export failed: {proc.stderr.strip().splitlines()[-1]}")
+    return True

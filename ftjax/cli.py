@@ -67,7 +67,7 @@ def cmd_predict(cfg, model: str | None, input_path: str, output_path: str | None
     limit = cfg.model.max_length
     too_long = sum(len(trainer.tokenizer(str(records[i][column]))["input_ids"]) > limit for i in keep)
     preds = trainer.predict([records[i] for i in keep]) if keep else []
-    rows = [{**r, "prediction": None, "note": "empty input"} for r in records]
+    rows = [{**r, "prediction": trainer.task.empty_prediction, "note": "empty input"} for r in records]
     for i, p in zip(keep, preds):
         rows[i] = {**records[i], "prediction": p}
     out = Path(output_path or Path(cfg.training.output_dir) / "predictions.jsonl")

@@ -32,6 +32,10 @@ class ModelConfig:
     max_length: int = 128  # tokens per example (truncation)
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    # Pre-training: random weights from a config (name_or_path: a config folder, a hub name or a
+    # model type such as gpt2 / bert / llama) with these overrides, sized to the tokenizer's vocab.
+    from_scratch: bool = False
+    config_overrides: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -56,6 +60,20 @@ class DataConfig:
     length_window_batches: int = 32
     shuffle: bool = True
     preprocessing_num_workers: Optional[int] = None
+    # Token classification (task: ner / token_classification).
+    format: str = "auto"  # auto (by file suffix; .conll is CoNLL) | conll (`token ... TAG` lines)
+    tokens_column: str = "tokens"
+    tags_column: str = "ner_tags"  # e.g. pos_tags / chunk_tags for hub CoNLL-2003
+    tag_column_index: int = -1  # CoNLL column with the tag (-1 last; CoNLL-2003 POS 1, chunk 2, NER 3)
+    label_all_tokens: bool = False  # label every subword (B- -> I- on continuations), not only the first
+    seqeval_scheme: Optional[str] = None  # None: conlleval-style; IOB2 / IOBES / BILOU: seqeval strict mode
+    aggregation_strategy: str = "simple"  # predict: none | simple | first | max | average (pipeline meanings)
+    stride: int = 32  # predict: tokens shared by consecutive windows of a text longer than max_length
+    # Language modelling (task: mlm / clm): documents joined and cut into blocks.
+    block_size: Optional[int] = None  # tokens per block (default model.max_length)
+    remainder: str = "drop"  # drop | pad: the last, shorter block of a split
+    mlm_probability: float = 0.15
+    whole_word_masking: bool = False
 
 
 @dataclasses.dataclass
@@ -94,6 +112,20 @@ class TrainingConfig:
     dropout: bool = True  # train-mode dropout (turn off for exact equivalence tests)
     report_to: list = dataclasses.field(default_factory=lambda: ["jsonl", "tensorboard"])
     disable_tqdm: bool = False
+    export_pytorch: bool = True  # also write PyTorch safetensors into OUTPUT_DIR/export (needs torch)
+
+
+@dataclasses.dataclass
+class InferenceConfig:
+    """``ftjax predict`` for fill-mask (mlm) and text generation (clm); pipeline names and meanings."""
+
+    top_k: Optional[int] = None  # fill-mask: candidates per mask (default 5); sampling: top-k (default 50, 0 off)
+    targets: Optional[list] = None  # fill-mask: score only these words (zero-shot prompting)
+    max_new_tokens: int = 32
+    do_sample: bool = False  # False: greedy
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None  # sampling seed (default training.seed)
 
 
 @dataclasses.dataclass
@@ -113,6 +145,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -234,5 +267,9 @@ def validate(config: Config) -> None:
         raise FtjaxError("training batch size and gradient_accumulation_steps must be >= 1")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise FtjaxError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+    if config.data.remainder not in ("drop", "pad"):
+        raise FtjaxError(f"data.remainder must be drop or pad, got {config.data.remainder!r}")
+    if not 0 < config.data.mlm_probability < 1:
+        raise FtjaxError(f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}")
     if config.data.split_rule not in ("none", "mod10"):
         raise FtjaxError(f"data.split_rule must be none or mod10, got {config.data.split_rule!r}")

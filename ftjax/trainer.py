@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from ftjax import sharding as S
-from ftjax.checkpoint import Checkpointer, abstract_like, export_pretrained, metric_key, resolve_resume
+from ftjax.checkpoint import (Checkpointer, abstract_like, export_pretrained, export_pytorch, metric_key,
+                              resolve_resume)
 from ftjax.config import Config
 from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
@@ -61,7 +62,7 @@ class Trainer:
         if model_path:
             config.model.name_or_path = model_path
         locate(config.model.name_or_path)  # fail on a bad model path before any data work
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(config.model))
         self.splits = self._prepare_data() if with_data else {}
         self.model = load_model(self.task.auto_class, config.model, self.args.bf16, seed=self.args.seed,
                                 **(self.task.model_kwargs() if with_data else {}))
@@ -173,6 +174,8 @@ class Trainer:
             raise FtjaxError(f"no {split} split to evaluate")
         out = self._run_eval(split)
         metrics = self.task.metrics(out)
+        if self.is_main:
+            self.task.write_reports(out, split, self.output_dir)
         metrics["loss"] = float(out["_loss_sum"].sum() / max(out["_weight"].sum(), 1.0))
         metrics["num_examples"] = int(len(out["index"]))
         return metrics
@@ -346,6 +349,8 @@ class Trainer:
         host_params = jax.tree.map(to_host, self.state.params)  # collective: every process takes part
         if self.is_main:
             export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export")
+            if args.export_pytorch:
+                results["train"]["pytorch_export"] = export_pytorch(self.output_dir / "export", self.task.auto_class)
             logger.plot(self.output_dir / "loss.png")
         self._write_json("results.json", results)
         logger.close()

@@ -63,6 +63,7 @@ def tiny_overrides(model: str, data_file: str, out: Path, **extra) -> list[str]:
             "data.bucket_lengths": "[16, 32]", "training.output_dir": str(out),
             "training.per_device_train_batch_size": 8, "training.per_device_eval_batch_size": 16,
             "training.learning_rate": 1e-3, "training.num_train_epochs": 2, "training.logging_steps": 2,
-            "training.disable_tqdm": "true", "training.report_to": "[jsonl]", "mesh.data": 1}
+            "training.disable_tqdm": "true", "training.report_to": "[jsonl]", "training.export_pytorch": "false",
+            "mesh.data": 1}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

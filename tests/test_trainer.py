@@ -25,7 +25,8 @@ def _leaves(trainer):
 
 
 def test_train_writes_results_export_and_logs(tiny_model, sentiment_csv, tmp_path):
-    trainer, results = _train(tiny_model, sentiment_csv, tmp_path / "run", **{"training.num_train_epochs": 3})
+    trainer, results = _train(tiny_model, sentiment_csv, tmp_path / "run",
+                              **{"training.num_train_epochs": 3, "training.export_pytorch": "true"})
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["validation"]["accuracy"] == results["validation"]["accuracy"]
     assert {"accuracy", "f1_macro", "f1_weighted", "precision_macro", "confusion_matrix"} <= set(results["test"])
@@ -42,6 +43,15 @@ def test_train_writes_results_export_and_logs(tiny_model, sentiment_csv, tmp_pat
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
     for a, b in zip(jax.tree.leaves(model.params), _leaves(trainer)):
         np.testing.assert_array_equal(np.asarray(a), b)
+    # PyTorch users load the same export with a pipeline (torch is in the test extras)
+    assert results["train"]["pytorch_export"] is True
+    text = "what a lovely movie"
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "run" / "export"), device="cpu")
+    got = pipe(text)[0]
+    flax_logits = model(**trainer.tokenizer(text, return_tensors="np")).logits[0]
+    flax_probs = np.exp(flax_logits) / np.exp(flax_logits).sum()
+    assert got["label"] == model.config.id2label[int(flax_probs.argmax())]
+    assert got["score"] == pytest.approx(float(flax_probs.max()), abs=1e-4)
 
 
 def test_same_seed_same_metrics(tiny_model, sentiment_csv, tmp_path):

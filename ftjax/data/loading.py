@@ -10,10 +10,11 @@ from typing import Optional
 import datasets
 
 from ftjax.config import DataConfig
+from ftjax.data import conll
 from ftjax.errors import FtjaxError
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-             ".txt": "text"}
+             ".txt": "text", ".cor": "text", ".bz2": "wiki"}  # .cor: one document a line; .bz2: MediaWiki dump
 
 
 def resolve_path(path: Optional[str]) -> Optional[str]:
@@ -41,7 +42,13 @@ def load_file(path: str) -> datasets.Dataset:
     builder = _BUILDERS.get(p.suffix.lower())
     if builder is None:
         raise FtjaxError(f"{path}: unsupported file type '{p.suffix}' (use one of {sorted(_BUILDERS)})")
-    kwargs = {}
+    if builder == "wiki":
+        from ftjax.data.corpora import read_wiki_dump
+        ds = read_wiki_dump(path)
+        if len(ds) == 0:
+            raise FtjaxError(f"{path}: the file holds no examples")
+        return ds
+    kwargs = {"encoding_errors": "replace"} if builder == "text" else {}
     if builder == "csv":
         kwargs = {"encoding_errors": "replace", "sep": "\t" if p.suffix.lower() == ".tsv" else ","}
     try:
@@ -80,8 +87,12 @@ def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
     else:
         if not cfg.train_file:
             raise FtjaxError("no data: set data.train_file (local file) or data.dataset_name (hub)")
-        files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
-        splits = datasets.DatasetDict({k: load_file(v) for k, v in files.items() if v})
+        files = {k: v for k, v in {"train": cfg.train_file, "validation": cfg.validation_file,
+                                   "test": cfg.test_file}.items() if v}
+        if conll.is_conll(cfg.train_file, cfg.format):
+            splits = conll.load_conll_splits(files, cfg)
+        else:
+            splits = datasets.DatasetDict({k: load_file(v) for k, v in files.items()})
     if cfg.split_rule == "mod10":
         if len(splits) != 1:
             raise FtjaxError("data.split_rule=mod10 splits one file: give only data.train_file")

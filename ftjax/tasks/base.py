@@ -22,6 +22,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 class Task:
     name: ClassVar[str]
     auto_class: ClassVar[str]  # transformers Flax auto class, e.g. FlaxAutoModelForSequenceClassification
+    empty_prediction: ClassVar[Any] = None  # what ``ftjax predict`` writes for an empty input text
 
     def __init__(self, config: Config):
         self.config = config
@@ -32,6 +33,10 @@ class Task:
 
     def setup_from_model(self, model_config) -> None:
         """Label information from a trained model's config (predict without data)."""
+
+    def adapt_tokenizer(self, tokenizer):
+        """The tokenizer this task needs, given the loaded one (e.g. with add_prefix_space)."""
+        return tokenizer
 
     def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
         """Tokenized splits with ``input_ids`` and the task's label field(s)."""
@@ -78,6 +83,9 @@ class Task:
     def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
         """Tokenized rows for ``ftjax predict`` from raw records."""
         raise NotImplementedError
+
+    def write_reports(self, outputs: dict[str, np.ndarray], split: str, output_dir) -> None:
+        """Extra files after evaluating a split (e.g. an error analysis); the main process only."""
 
 
 def require_columns(ds: datasets.Dataset, split: str, columns: list[str]) -> None:

@@ -1,0 +1,118 @@
+"""Compatibility shims for the pinned transformers (4.57.6, the last release with Flax models).
+
+Two things in transformers' Flax code break on jax >= 0.10 (this project pins 0.10.2; the GPU image
+has 0.11.2):
+
+1. Flax T5 / mT5 / LongT5 call ``jnp.clip(x, a_max=...)``; jax 0.10 removed the ``a_min`` / ``a_max``
+   keywords (now ``min`` / ``max``), so the models fail while tracing. Those modules get a ``jnp``
+   that also accepts the old keywords; jax itself is not changed.
+2. ``FlaxNoRepeatNGramLogitsProcessor`` (``no_repeat_ngram_size`` in ``generate``) gathers from a
+   ``jax.experimental.sparse`` BCOO matrix in a mode new jax does not implement. Its ``__call__`` is
+   replaced by a dense equivalent that bans the same tokens (and is cheaper: O(batch x length x n)).
+
+``install()`` patches these modules when they are imported (an import hook), so ``import ftjax``
+stays cheap, and at once if they were imported before ftjax.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import inspect
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+
+# transformers modules that call jnp.clip(..., a_min/a_max=...) in 4.57.6.
+CLIP_MODULES = ("transformers.models.t5.modeling_flax_t5",
+                "transformers.models.longt5.modeling_flax_longt5")
+LOGITS_MODULE = "transformers.generation.flax_logits_process"
+
+
+def needs_clip_shim() -> bool:
+    """True when this jax's ``jnp.clip`` no longer takes ``a_max``."""
+    return "a_max" not in inspect.signature(jnp.clip).parameters
+
+
+def clip(x, a_min=None, a_max=None, *, min=None, max=None):  # noqa: A002  (jnp.clip's own names)
+    """``jnp.clip`` accepting both the old (``a_min`` / ``a_max``) and the new (``min`` / ``max``) names."""
+    return jnp.clip(x, min=a_min if min is None else min, max=a_max if max is None else max)
+
+
+class _NumpyWithOldClip(types.ModuleType):
+    """Stands in for ``jax.numpy`` inside a patched module: every name is jax.numpy's except ``clip``."""
+
+    clip = staticmethod(clip)
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+
+_JNP = _NumpyWithOldClip("jax.numpy")
+
+
+def no_repeat_ngram_call(self, input_ids, scores, cur_len):
+    """Dense ``FlaxNoRepeatNGramLogitsProcessor.__call__``: bans every token that would complete an
+    n-gram already present in ``input_ids[:, :cur_len]``.
+
+    Args:
+      input_ids: ``[batch, max_length]`` sequences so far (positions >= cur_len are padding).
+      scores: ``[batch, vocab]`` next-token scores.
+      cur_len: number of valid positions (traced).
+    """
+    n = self.ngram_size
+    batch, seq_len = input_ids.shape
+    if seq_len < n:
+        return scores
+    count = seq_len - n + 1
+    windows = jnp.stack([input_ids[:, j:j + count] for j in range(n)], axis=-1)  # [batch, count, n]
+    prefix = jax.lax.dynamic_slice(input_ids, (0, jnp.maximum(cur_len - (n - 1), 0)), (batch, n - 1))
+    complete = jnp.arange(count) + n <= cur_len  # n-grams fully inside the generated part
+    match = (windows[..., :-1] == prefix[:, None, :]).all(-1) & complete[None, :]
+    banned = jnp.zeros(scores.shape, bool).at[jnp.arange(batch)[:, None], windows[..., -1]].max(match)
+    return jnp.where(banned, -jnp.inf, scores)
+
+
+def _patch(module) -> None:
+    if module.__name__ == LOGITS_MODULE:
+        module.FlaxNoRepeatNGramLogitsProcessor.__call__ = no_repeat_ngram_call
+    elif needs_clip_shim() and getattr(module, "jnp", None) is jnp:
+        module.jnp = _JNP
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Finds the listed modules with the normal machinery and patches them right after they execute."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in PATCHED_MODULES:
+            return None
+        sys.meta_path.remove(self)  # find the real spec without recursing into this finder
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+_FINDER = _PatchAfterImport()
+PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE,)
+
+
+def install() -> None:
+    """Applies the shims (idempotent). Called when ``ftjax`` is imported."""
+    for name in PATCHED_MODULES:
+        if name in sys.modules:
+            _patch(sys.modules[name])
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
