@@ -29,7 +29,7 @@ from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.loading import load_splits, process_slice, subsample
 from ftjax.errors import FtjaxError
-from ftjax.models import load_model, load_tokenizer, locate
+from ftjax.models import load_tokenizer, locate
 from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger
 from ftjax.step import TrainState, make_eval_step, make_train_step
@@ -64,8 +64,8 @@ class Trainer:
         locate(config.model.name_or_path)  # fail on a bad model path before any data work
         self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(config.model))
         self.splits = self._prepare_data() if with_data else {}
-        self.model = load_model(self.task.auto_class, config.model, self.args.bf16, seed=self.args.seed,
-                                **(self.task.model_kwargs() if with_data else {}))
+        self.model = self.task.load_model(config.model, self.args.bf16, self.tokenizer, seed=self.args.seed,
+                                          **(self.task.model_kwargs() if with_data else {}))
         if not with_data:
             self.task.setup_from_model(self.model.config)
         self._batchers: dict[str, Batcher] = {}
@@ -98,7 +98,8 @@ class Trainer:
                 self.splits[split], rows // jax.process_count(), self.config.model.max_length, d.bucket_lengths,
                 pad_id=self.tokenizer.pad_token_id or 0, seed=self.args.seed, shuffle=train and d.shuffle,
                 group_by_length=train and d.group_by_length, window=d.length_window_batches,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                groups=self.task.length_groups())
         return self._batchers[split]
 
     def _device_batches(self, batcher: Batcher, epoch: int, start: int, num_batches: int, accum: int = 0,
@@ -159,7 +160,9 @@ class Trainer:
             params = self.model.params = jax.device_put(params, self.param_shardings(params))
         batcher = self.batcher(split) if dataset is None else Batcher(
             dataset, self.args.per_device_eval_batch_size * S.data_parallel_size(self.mesh),
-            self.config.model.max_length, self.config.data.bucket_lengths, self.tokenizer.pad_token_id or 0)
+            self.config.model.max_length, self.config.data.bucket_lengths, self.tokenizer.pad_token_id or 0,
+            groups=self.task.length_groups())
+        self.task.begin_eval(split)
         nb = int(agree_max([batcher.num_batches()])[0])
         device_outs = [self._eval_step(params, b) for b in self._device_batches(batcher, 0, 0, nb)]
         host = {k: [to_host(o[k]) for o in device_outs] for k in device_outs[0]}
@@ -201,6 +204,9 @@ class Trainer:
         ckpt_dir = self.output_dir / "checkpoints"
         resume_dir, resume_step = resolve_resume(args.resume_from_checkpoint, ckpt_dir)
         self._check_output_dir(resuming=resume_step is not None)
+        if jax.process_count() > 1:  # nobody writes before every process has checked the output dir
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("ftjax: output_dir checked")
         batcher = self.batcher("train")
         steps_per_epoch = int(agree_max([batcher.num_batches()])[0])
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
