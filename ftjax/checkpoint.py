@@ -4,6 +4,7 @@ data position and config; export of the final model in Hugging Face format. Neve
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,8 @@ def export_pytorch(directory: str | Path, flax_auto_class: str) -> bool:
             "from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model as load; "
             f"d = sys.argv[1]; m = t.{pt_class}.from_config(t.AutoConfig.from_pretrained(d)); "
             "load(m, d + '/flax_model.msgpack').save_pretrained(d, safe_serialization=True)")
-    proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True)
+    env = dict(os.environ, USE_TORCH="1")
+    proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise FtjaxError(f"PyTorch export failed: {proc.stderr.strip().splitlines()[-1]}")
     return True

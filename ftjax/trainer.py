@@ -61,7 +61,9 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         if model_path:
             config.model.name_or_path = model_path
-        locate(config.model.name_or_path)  # fail on a bad model path before any data work
+            config.model.from_scratch = False  # a trained model: its weights, not a fresh init
+        if not config.model.from_scratch:
+            locate(config.model.name_or_path)  # fail on a bad model path before any data work
         self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(config.model))
         self.splits = self._prepare_data() if with_data else {}
         self.model = self.task.load_model(config.model, self.args.bf16, self.tokenizer, seed=self.args.seed,
@@ -185,6 +187,9 @@ class Trainer:
 
     def predict(self, records: list[dict]) -> list[dict]:
         """Task predictions for raw records (e.g. ``{"text": ...}``), in input order."""
+        custom = self.task.predict_records(self.model, self.params(), self.tokenizer, records)
+        if custom is not None:  # generation / fill-mask: the task runs its own jitted inference
+            return custom
         dataset = self.task.predict_inputs(records, self.tokenizer)
         return self.task.predictions(self._run_eval("predict", dataset))
 
@@ -242,7 +247,7 @@ class Trainer:
                 if not np.isfinite(m["loss"]):
                     raise FtjaxError(f"loss is {m['loss']} at step {s}: training stopped; the last good "
                                      f"checkpoint is in {ckpt_dir}")
-            examples += sum(float(m["weight"]) for m in fetched)
+            examples += sum(float(m.get("examples", m["weight"])) for m in fetched)
             pending.clear()
             return {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
 

@@ -1,7 +1,8 @@
 """Fixed-shape batches from tokenized examples: length buckets, length grouping, masked padding rows.
 
 Every batch is padded to the smallest bucket length that fits its longest row, so the train step
-compiles once per bucket. A short last batch is filled with rows of weight 0 so evaluation never
+compiles once per bucket. Fields of a ``LengthGroup`` (seq2seq targets) get their own bucket length,
+chosen from the group's first field. A short last batch is filled with rows of weight 0 so evaluation never
 drops examples and shapes never change. The batch order of an epoch is a pure function of
 (seed, epoch), so a resumed run skips to its data position without reading anything.
 """
@@ -9,7 +10,7 @@ drops examples and shapes never change. The batch order of an epoch is a pure fu
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import datasets
 import jax
@@ -22,6 +23,18 @@ DEFAULT_PAD = {"attention_mask": 0, "token_type_ids": 0, "labels": -100, "specia
 def bucket_lengths(buckets: list, max_length: int) -> list[int]:
     """Sorted bucket lengths capped at ``max_length`` (which is always a bucket)."""
     return sorted({int(b) for b in buckets if int(b) < max_length} | {int(max_length)})
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthGroup:
+    """Sequence fields padded to their own length: the smallest of ``buckets`` (capped at
+    ``max_length``) that fits the longest row of ``fields[0]`` in the batch. Example: seq2seq
+    ``LengthGroup(("labels",), max_length=64, buckets=(16, 32, 64))`` pads labels to 16/32/64
+    whatever the source length. A group whose first field is absent (no labels at predict) is skipped."""
+
+    fields: tuple
+    max_length: int
+    buckets: tuple = ()
 
 
 @dataclasses.dataclass
@@ -45,11 +58,14 @@ class Batcher:
       pad_id: padding value of ``input_ids``.
       shuffle / group_by_length / window: training order; evaluation uses file order.
       process_index / process_count: for the global example ``index`` of each row.
+      groups: ``LengthGroup``s of fields with their own padded length (default: every sequence
+        field is padded to the ``input_ids`` bucket).
     """
 
     def __init__(self, ds: datasets.Dataset, batch_size: int, max_length: int, buckets: list,
                  pad_id: int, seed: int = 0, shuffle: bool = False, group_by_length: bool = False,
-                 window: int = 32, process_index: int = 0, process_count: int = 1):
+                 window: int = 32, process_index: int = 0, process_count: int = 1,
+                 groups: Sequence[LengthGroup] = ()):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.group_by_length, self.window = group_by_length, window
         self.buckets = bucket_lengths(buckets, max_length)
@@ -61,6 +77,10 @@ class Batcher:
         self.scalar_fields = [c for c in cols if c not in self.seq_fields]
         self.columns = ds[:]  # dict of python lists
         self.lengths = np.array([len(x) for x in self.columns["input_ids"]], np.int64)
+        self.groups = [g for g in groups if g.fields[0] in self.seq_fields]
+        self.group_lengths = [np.array([len(x) for x in self.columns[g.fields[0]]], np.int64) for g in self.groups]
+        self.group_buckets = [bucket_lengths(g.buckets, g.max_length) for g in self.groups]
+        self.field_group = {f: i for i, g in enumerate(self.groups) for f in g.fields}
         self.num_examples = len(ds)
         self.stats = BatchStats()
 
@@ -89,21 +109,32 @@ class Batcher:
             rng.shuffle(batches)
         return batches
 
-    def padded_length(self, rows: np.ndarray) -> int:
-        longest = int(self.lengths[rows[rows >= 0]].max(initial=1))
-        return next((b for b in self.buckets if b >= longest), self.buckets[-1])
+    def padded_length(self, rows: np.ndarray, lengths: Optional[np.ndarray] = None,
+                      buckets: Optional[list] = None) -> int:
+        lengths = self.lengths if lengths is None else lengths
+        buckets = self.buckets if buckets is None else buckets
+        longest = int(lengths[rows[rows >= 0]].max(initial=1))
+        return next((b for b in buckets if b >= longest), buckets[-1])
 
-    def make_batch(self, rows: np.ndarray, length: Optional[int] = None) -> dict[str, np.ndarray]:
-        """Numpy arrays ``[batch, length]`` for sequence fields, ``[batch]`` for scalars, plus
-        ``weight`` (1 real row, 0 padding row) and ``index`` (global example index, -1 padding)."""
+    def group_padded_lengths(self, rows: np.ndarray) -> list[int]:
+        """The padded length of each ``LengthGroup`` for these rows."""
+        return [self.padded_length(rows, n, b) for n, b in zip(self.group_lengths, self.group_buckets)]
+
+    def make_batch(self, rows: np.ndarray, length: Optional[int] = None,
+                   group_lengths: Optional[Sequence[int]] = None) -> dict[str, np.ndarray]:
+        """Numpy arrays ``[batch, length]`` for sequence fields (a group's fields ``[batch, its
+        length]``), ``[batch]`` for scalars, plus ``weight`` (1 real row, 0 padding row) and
+        ``index`` (global example index, -1 padding)."""
         length = self.padded_length(rows) if length is None else length
+        group_lengths = self.group_padded_lengths(rows) if group_lengths is None else group_lengths
         real = rows >= 0
         batch = {}
         for f in self.seq_fields:
-            arr = np.full((len(rows), length), self.pad.get(f, 0), np.int32)
+            width = group_lengths[self.field_group[f]] if f in self.field_group else length
+            arr = np.full((len(rows), width), self.pad.get(f, 0), np.int32)
             for i, r in enumerate(rows):
                 if r >= 0:
-                    seq = self.columns[f][r][:length]
+                    seq = self.columns[f][r][:width]
                     arr[i, :len(seq)] = seq
             batch[f] = arr
         for f in self.scalar_fields:
@@ -119,9 +150,10 @@ class Batcher:
                 ) -> Iterator[dict[str, np.ndarray]]:
         """The epoch's batches from position ``start``; lengths agreed across processes."""
         order = self.epoch_order(epoch, num_batches)
-        lengths = agree_max([self.padded_length(r) for r in order])
-        for rows, length in list(zip(order, lengths))[start:]:
-            yield self.make_batch(rows, int(length))
+        per_batch = [[self.padded_length(r)] + self.group_padded_lengths(r) for r in order]
+        lengths = agree_max(np.ravel(per_batch).tolist()).reshape(len(order), -1) if order else []
+        for rows, ls in list(zip(order, lengths))[start:]:
+            yield self.make_batch(rows, int(ls[0]), [int(x) for x in ls[1:]])
 
 
 def agree_max(values: list[int]) -> np.ndarray:

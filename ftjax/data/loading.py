@@ -10,7 +10,7 @@ from typing import Optional
 import datasets
 
 from ftjax.config import DataConfig
-from ftjax.data import conll
+from ftjax.data import conll, squad
 from ftjax.errors import FtjaxError
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -42,9 +42,9 @@ def load_file(path: str) -> datasets.Dataset:
     builder = _BUILDERS.get(p.suffix.lower())
     if builder is None:
         raise FtjaxError(f"{path}: unsupported file type '{p.suffix}' (use one of {sorted(_BUILDERS)})")
-    if builder == "wiki":
+    if builder == "wiki" or squad.is_nested_squad(path):  # MediaWiki dump; nested SQuAD JSON
         from ftjax.data.corpora import read_wiki_dump
-        ds = read_wiki_dump(path)
+        ds = read_wiki_dump(path) if builder == "wiki" else squad.read_nested_squad(path)
         if len(ds) == 0:
             raise FtjaxError(f"{path}: the file holds no examples")
         return ds

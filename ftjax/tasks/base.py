@@ -38,6 +38,21 @@ class Task:
         """The tokenizer this task needs, given the loaded one (e.g. with add_prefix_space)."""
         return tokenizer
 
+    def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
+        """The Flax model for this task (default: ``auto_class`` from ``model.name_or_path``); a task
+        may build it otherwise (seq2seq makes an encoder-decoder from an encoder checkpoint)."""
+        from ftjax.models import load_model
+        return load_model(self.auto_class, model_config, bf16, **kwargs)
+
+    def length_groups(self) -> tuple:
+        """``batching.LengthGroup``s: sequence fields padded to their own bucket length (seq2seq
+        targets) instead of the ``input_ids`` one."""
+        return ()
+
+    def predict_columns(self) -> list[str]:
+        """Columns every ``ftjax predict`` record needs; the first is checked for truncation."""
+        return [self.config.data.text_column]
+
     def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
         """Tokenized splits with ``input_ids`` and the task's label field(s)."""
         raise NotImplementedError
@@ -74,11 +89,21 @@ class Task:
         raise NotImplementedError
 
     # ---- host side -------------------------------------------------------------------------
+    def begin_eval(self, split: str) -> None:
+        """Called before evaluating ``split`` ("predict" for ``predict_inputs`` rows), so a task that
+        keeps host-side data per split (QA offsets, reference texts) uses the right one in
+        ``metrics`` / ``predictions``."""
+
     def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
         raise NotImplementedError
 
     def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict]:
         raise NotImplementedError
+
+    def predict_records(self, model, params, tokenizer, records: list[dict]) -> list[dict] | None:
+        """Predictions for raw records computed by the task itself (text generation, fill-mask),
+        or None to use ``predict_inputs`` + the eval step + ``predictions``."""
+        return None
 
     def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
         """Tokenized rows for ``ftjax predict`` from raw records."""

@@ -1,0 +1,192 @@
+"""Sequence-to-sequence (summarization, translation, title generation): BART, Pegasus, T5 / mT5 and
+encoder-decoder pairs built from an encoder checkpoint (BERT2BERT).
+
+Sources are cut at ``model.max_length`` tokens (with ``data.source_prefix`` in front, e.g. T5's
+"summarize: "), targets at ``data.max_target_length`` and padded with -100 to their own bucket
+length (a ``LengthGroup``). Decoder inputs are the labels shifted right by the model's own
+``shift_tokens_right``. With ``training.predict_with_generate`` the jitted eval step also decodes
+(greedy or beam search, settings in ``inference``) and evaluation reports ROUGE and sacreBLEU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import transformers
+
+from ftjax.data.batching import LengthGroup
+from ftjax.errors import FtjaxError
+from ftjax.models import compute_dtype, load_model, locate
+from ftjax.tasks.base import Task, register, require_columns
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def decoder_inputs(model, labels: jax.Array) -> jax.Array:
+    """``labels`` (-100 = ignored) shifted right with the model family's ``shift_tokens_right``
+    (BART's for families without one, e.g. ``FlaxEncoderDecoderModel``: the same rule)."""
+    from transformers.models.bart.modeling_flax_bart import shift_tokens_right as bart_shift
+    shift = getattr(sys.modules[type(model).__module__], "shift_tokens_right", bart_shift)
+    pad = model.config.pad_token_id
+    if len(inspect.signature(shift).parameters) == 2:  # mBART: starts with the last non-pad token
+        return shift(labels, pad)
+    return shift(labels, pad, model.config.decoder_start_token_id)
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of tokens) over positions whose label is not -100."""
+    mask = labels != -100
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(mask, labels, 0))
+    return (losses * mask).sum(), mask.sum().astype(jnp.float32)
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum F-measure (``rouge_score``, stemmed; Lsum splits sentences at newlines) and
+    corpus sacreBLEU, all x100 like the Hugging Face examples. Offline."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions)]
+    out = {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) for k in ROUGE_TYPES}
+    out["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    return out
+
+
+@register
+class Seq2Seq(Task):
+    name = "seq2seq"
+    auto_class = "FlaxAutoModelForSeq2SeqLM"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.tokenizer = None
+        self._references: dict[str, list[str]] = {}
+        self._split = "validation"
+
+    # ---- data ------------------------------------------------------------------------------
+    def setup(self, splits: datasets.DatasetDict) -> None:
+        d = self.config.data
+        for split, ds in splits.items():
+            require_columns(ds, split, [d.source_column, d.target_column])
+            bad = next((i for i, t in enumerate(ds[d.target_column]) if t is None or not str(t).strip()), None)
+            if bad is not None:
+                raise FtjaxError(f"{split} split, example {bad}: empty target (column '{d.target_column}')")
+
+    def length_groups(self) -> tuple:
+        d = self.config.data
+        return (LengthGroup(("labels",), d.max_target_length, tuple(d.target_bucket_lengths)),)
+
+    def predict_columns(self) -> list[str]:
+        return [self.config.data.source_column]
+
+    def _encode(self, tokenizer, examples: dict, with_labels: bool) -> dict:
+        d = self.config.data
+        sources = [d.source_prefix + ("" if s is None else str(s)) for s in examples[d.source_column]]
+        enc = tokenizer(sources, truncation=True, max_length=self.config.model.max_length)
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if with_labels:
+            targets = [str(t) for t in examples[d.target_column]]
+            out["labels"] = tokenizer(text_target=targets, truncation=True, max_length=d.max_target_length)["input_ids"]
+        return out
+
+    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
+        self.tokenizer = tokenizer
+        out = {}
+        for split, ds in splits.items():
+            self._references[split] = [str(t) for t in ds[self.config.data.target_column]]
+            out[split] = ds.map(lambda ex: self._encode(tokenizer, ex, True), batched=True,
+                                remove_columns=ds.column_names, desc=f"tokenize {split}",
+                                num_proc=self.config.data.preprocessing_num_workers)
+        return datasets.DatasetDict(out)
+
+    def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
+        self.tokenizer = tokenizer
+        ds = datasets.Dataset.from_list(records)
+        return ds.map(lambda ex: self._encode(tokenizer, ex, False), batched=True, remove_columns=ds.column_names)
+
+    # ---- model -----------------------------------------------------------------------------
+    def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
+        """A seq2seq checkpoint as is; an encoder-only one (BERT, RoBERTa...) as a BERT2BERT-style
+        ``FlaxEncoderDecoderModel`` whose decoder starts from the same weights (cross-attention new)."""
+        self.tokenizer = tokenizer
+        name, from_pt = locate(model_config.name_or_path)
+        try:
+            conf = transformers.AutoConfig.from_pretrained(name, revision=model_config.revision,
+                                                           trust_remote_code=model_config.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise FtjaxError(f"cannot load model config from '{name}': {str(e).splitlines()[0]}") from None
+        if conf.is_encoder_decoder:
+            return load_model(self.auto_class, model_config, bf16, **kwargs)
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the new cross-attention weights are expected
+        try:
+            model = transformers.FlaxEncoderDecoderModel.from_encoder_decoder_pretrained(
+                name, name, encoder_from_pt=from_pt, decoder_from_pt=from_pt,
+                dtype=compute_dtype(model_config, bf16))
+        finally:
+            transformers.logging.set_verbosity(level)
+        start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        if start is None or end is None or tokenizer.pad_token_id is None:
+            raise FtjaxError(f"tokenizer of {name} has no cls/bos, sep/eos or pad token to build an encoder-decoder")
+        for c in (model.config, model.generation_config):
+            c.decoder_start_token_id, c.bos_token_id, c.eos_token_id = start, start, end
+            c.pad_token_id = tokenizer.pad_token_id
+        model.config.vocab_size = model.config.decoder.vocab_size
+        return model
+
+    def forward(self, model, params, batch: dict, rng, train: bool):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     decoder_input_ids=decoder_inputs(model, batch["labels"]),
+                     params=params, dropout_rng=rng, train=train).logits
+
+    def loss(self, logits, batch: dict):
+        return token_cross_entropy(logits, batch["labels"])
+
+    def generate(self, model, params, batch: dict) -> jax.Array:
+        """``[batch, max_new_tokens + 1]`` token ids (decoder start first), traced inside jit."""
+        inf = self.config.inference
+        special = {k: next((v for v in (getattr(model.generation_config, k, None), getattr(model.config, k, None))
+                            if v is not None), None)
+                   for k in ("decoder_start_token_id", "pad_token_id", "eos_token_id")}
+        return model.generate(
+            batch["input_ids"], attention_mask=batch["attention_mask"], params=params,
+            max_new_tokens=inf.max_new_tokens, num_beams=inf.num_beams, length_penalty=inf.length_penalty,
+            no_repeat_ngram_size=inf.no_repeat_ngram_size or None, do_sample=False, **special).sequences
+
+    def eval_outputs(self, model, params, batch: dict) -> dict[str, jax.Array]:
+        out = {"index": batch["index"], "weight": batch["weight"]}
+        if "labels" in batch:
+            logits = self.forward(model, params, batch, None, train=False)
+            out["_loss_sum"], out["_weight"] = self.loss(logits, batch)
+        if "labels" not in batch or self.config.training.predict_with_generate:
+            out["generated"] = self.generate(model, params, batch)
+        return out
+
+    # ---- host side -------------------------------------------------------------------------
+    def begin_eval(self, split: str) -> None:
+        self._split = split
+
+    def decode(self, token_ids: np.ndarray) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        if "generated" not in outputs:
+            return {}
+        predictions = self.decode(outputs["generated"])
+        references = [self._references[self._split][i] for i in outputs["index"]]
+        out = generation_metrics(predictions, references)
+        special = set(self.tokenizer.all_special_ids)
+        out["gen_len"] = float(np.mean([sum(t not in special for t in row) for row in outputs["generated"].tolist()]))
+        return out
+
+    def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict]:
+        return [{"generated_text": t} for t in self.decode(outputs["generated"])]

