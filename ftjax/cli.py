@@ -83,6 +83,15 @@ def cmd_predict(cfg, model: str | None, input_path: str, output_path: str | None
             f"truncated_to_{limit}_tokens": too_long, "output": str(out)}
 
 
+def train_script(default_config: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``scripts/run_*.py``: ``ftjax train`` with a default config when the first
+    argument is an override (or there is none)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or "=" in argv[0]:
+        argv = [default_config, *argv]
+    return main(["train", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
