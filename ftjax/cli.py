@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="default: on for wordpiece, off for bpe")
     tok.add_argument("--text-column", default="text")
     args = parser.parse_args(argv)
-    # The CLI never needs PyTorch (PyTorch export runs in a child process): keep it out of memory.
-    os.environ.setdefault("USE_TORCH", "0")
+    # Training never needs PyTorch (the PyTorch export runs in a child process): keep it out of
+    # memory (~250 MB). Not for predict: the NER post-processing reuses transformers.pipelines, which
+    # fails to import with USE_TORCH=0 while torch and accelerate are installed.
+    if args.command == "train" and "transformers" not in sys.modules:
+        os.environ.setdefault("USE_TORCH", "0")
     # XLA:CPU's memory-optimized scheduler cuts the train step's temporary memory by ~20% here at no
     # measurable speed cost (xla_cpu_* flags are ignored by GPU/TPU backends).
     if "xla_cpu_scheduler_type" not in os.environ.get("XLA_FLAGS", ""):
