@@ -212,165 +212,40 @@ class Trainer:
         if jax.process_count() > 1:  # nobody writes before every process has checked the output dir
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("ftjax: output_dir checked")
-        batcher = self.batcher("train")
-        steps_per_epoch = int(agree_max([batcher.num_batches()])[0])
+        steps_per_epoch = int(agree_max([self.batcher("train").num_batches()])[0])
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         self.init_state(total)
         metric = metric_key(args.metric_for_best_model)
         greater = args.greater_is_better if args.greater_is_better is not None else metric != "loss"
-        self.ckpt = Checkpointer(ckpt_dir, args.save_total_limit, metric, greater) \
-            if args.save_strategy != "no" or args.load_best_model_at_end else None
-        progress = {"epoch": 0, "position": 0, "best_metric": None, "best_step": None, "bad_evals": 0}
+        # Always there: SIGTERM saves even with save_strategy "no" (which only stops periodic saves).
+        self.ckpt = Checkpointer(ckpt_dir, args.save_total_limit, metric, greater)
+        run = _TrainingRun(self, total, steps_per_epoch, metric, greater)
         if resume_step is not None:
-            source = self.ckpt if resume_dir == ckpt_dir and self.ckpt else Checkpointer(resume_dir)
+            source = self.ckpt if resume_dir == ckpt_dir else Checkpointer(resume_dir)
             self.state, meta = source.restore(resume_step, abstract_like(self.state, self.state_shardings))
-            progress.update(meta["progress"])
-        logger = RunLogger(self.output_dir, args.report_to)
+            run.progress.update(meta["progress"])
+            run.step = int(self.state.step)
         self._write_json("config.json", self.config.to_dict())
-        stopped_by = None
-        self._sigterm = False
         previous_handler = self._install_sigterm_handler()
-        step = int(self.state.step)
-        pending: list[tuple[int, dict]] = []  # device metrics not yet fetched (no per-step host sync)
-        examples, train_seconds, last_eval = 0.0, 0.0, None
-        batcher.stats = type(batcher.stats)()
-        bar = tqdm(total=total, initial=step, desc="train", disable=args.disable_tqdm or not self.is_main,
-                   dynamic_ncols=True)
-
-        def flush() -> Optional[dict]:
-            """Fetches pending metrics, stops on NaN/Inf, returns their means."""
-            nonlocal examples
-            if not pending:
-                return None
-            fetched = jax.device_get([m for _, m in pending])
-            for (s, _), m in zip(pending, fetched):
-                if not np.isfinite(m["loss"]):
-                    raise FtjaxError(f"loss is {m['loss']} at step {s}: training stopped; the last good "
-                                     f"checkpoint is in {ckpt_dir}")
-            examples += sum(float(m.get("examples", m["weight"])) for m in fetched)
-            pending.clear()
-            return {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
-
-        def save(eval_metrics: Optional[dict]) -> None:
-            flush()
-            meta = {"progress": progress, "config": self.config.to_dict()}
-            self.ckpt.save(step, self.state, meta, eval_metrics)
-
-        def run_eval() -> dict:
-            nonlocal last_eval
-            flush()
-            metrics = self.evaluate("validation")
-            last_eval = (step, metrics)
-            logger.log(step, {k: v for k, v in metrics.items() if k != "num_examples"}, "eval/")
-            value = metrics.get(metric)
-            if value is None:
-                raise FtjaxError(f"metric_for_best_model '{metric}' is not among {sorted(metrics)}")
-            best = progress["best_metric"]
-            if best is None or (value > best if greater else value < best):
-                progress.update(best_metric=value, best_step=step, bad_evals=0)
-                if self.ckpt and args.load_best_model_at_end:
-                    save(metrics)
-            else:
-                progress["bad_evals"] += 1
-            if args.early_stopping_patience and progress["bad_evals"] >= args.early_stopping_patience:
-                raise TrainingStopped("early_stopping")
-            return metrics
-
-        def periodic(epoch_end: bool) -> None:
-            strategy_hit = lambda s, every: (s == "epoch" and epoch_end) or (  # noqa: E731
-                s == "steps" and not epoch_end and every and step % every == 0)
-            eval_metrics = None
-            if "validation" in self.splits and strategy_hit(args.eval_strategy, args.eval_steps or args.logging_steps):
-                eval_metrics = run_eval()
-            if self.ckpt and strategy_hit(args.save_strategy, args.save_steps) and step not in self.ckpt.all_steps():
-                save(eval_metrics)
-
-        t0 = time.perf_counter()
         try:
-            while step < total:
-                for batch in self._device_batches(batcher, progress["epoch"], progress["position"],
-                                                  steps_per_epoch, args.gradient_accumulation_steps, train=True):
-                    self.state, metrics = self.train_step(self.state, batch)
-                    step += 1
-                    progress["position"] += 1
-                    pending.append((step, metrics))
-                    bar.update(1)
-                    if step % args.logging_steps == 0 or step == total:
-                        means = flush()
-                        elapsed = time.perf_counter() - t0
-                        means.update(learning_rate=float(self.schedule(step - 1)), epoch=progress["epoch"]
-                                     + progress["position"] / steps_per_epoch,
-                                     examples_per_second=(examples / (train_seconds + elapsed)))
-                        logger.log(step, means, "train/")
-                        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}",
-                                        ex_s=f"{means['examples_per_second']:.1f}")
-                    pause = time.perf_counter()
-                    periodic(epoch_end=False)
-                    t0 += time.perf_counter() - pause  # evaluation and saving are not training time
-                    if self._sigterm:
-                        raise TrainingStopped("SIGTERM")
-                    if step >= total:
-                        break
-                else:
-                    progress["epoch"] += 1
-                    progress["position"] = 0
-                    pause = time.perf_counter()
-                    periodic(epoch_end=True)
-                    t0 += time.perf_counter() - pause
-        except TrainingStopped as e:
-            stopped_by = str(e)
+            stopped_by = run.loop()
+        except BaseException:
+            self.ckpt.wait()  # let checkpoint writes in flight land before the error surfaces
+            raise
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
-            bar.close()
-        flush()
-        train_seconds += time.perf_counter() - t0
         if stopped_by == "SIGTERM":
-            if self.ckpt and step not in self.ckpt.all_steps():
-                save(None)
-            if self.ckpt:
-                self.ckpt.wait()
-            logger.close()
-            return {"status": "stopped by SIGTERM; resume with training.resume_from_checkpoint=latest", "step": step}
-        if "validation" in self.splits and args.eval_strategy != "no" and (last_eval is None or last_eval[0] != step):
-            final = self.evaluate("validation")
-            last_eval = (step, final)
-            logger.log(step, {k: v for k, v in final.items() if k != "num_examples"}, "eval/")
-        if self.ckpt and args.save_strategy != "no" and step not in self.ckpt.all_steps():
-            save(last_eval[1] if last_eval and last_eval[0] == step else None)
-        if self.ckpt:
-            self.ckpt.wait()
-        if args.load_best_model_at_end and progress["best_step"] is not None and progress["best_step"] != step:
-            restored, _ = self.ckpt.restore(progress["best_step"],
-                                            abstract_like(self.state, self.state_shardings))
-            self.state = restored
-        results = {"train": {
-            "global_step": step, "epochs": progress["epoch"] + progress["position"] / steps_per_epoch,
-            "train_runtime_s": train_seconds, "train_examples": examples,
-            "train_examples_per_second": examples / max(train_seconds, 1e-9),
-            "train_loss": next((r["train/loss"] for r in reversed(logger.history) if "train/loss" in r), None),
-            "padding_efficiency": batcher.stats.padding_efficiency,
-            "compiles": {"train_step": self.train_step._cache_size(),
-                         "eval_step": self._eval_step._cache_size() if self._eval_step else 0},
-            "stopped_by": stopped_by, "best_step": progress["best_step"], "best_metric": progress["best_metric"],
-            "mesh": dict(self.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend()}}
-        for split in ("validation", "test"):
-            if split in self.splits:
-                results[split] = self.evaluate(split)
-        host_params = jax.tree.map(to_host, self.state.params)  # collective: every process takes part
-        if self.is_main:
-            export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export")
-            if args.export_pytorch:
-                results["train"]["pytorch_export"] = export_pytorch(self.output_dir / "export", self.task.auto_class)
-            logger.plot(self.output_dir / "loss.png")
-        self._write_json("results.json", results)
-        logger.close()
-        if self.ckpt:
-            self.ckpt.close()
-        return results
+            run.finish_checkpoints(force=True)
+            run.logger.close()
+            return {"status": "stopped by SIGTERM; resume with training.resume_from_checkpoint=latest",
+                    "step": run.step}
+        return run.finish(stopped_by)
 
     def _install_sigterm_handler(self):
         """SIGTERM (preemption) finishes the current step, saves a checkpoint and returns."""
+        self._sigterm = False
+
         def handler(signum, frame):
             self._sigterm = True
         try:
@@ -382,3 +257,172 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / name).write_text(json.dumps(value, indent=2, default=str))
+
+
+class _TrainingRun:
+    """The state of one ``Trainer.train`` call and its periodic actions (log, evaluate, save).
+
+    Step metrics stay on the device and are fetched every ``logging_steps`` (and before each save,
+    so no checkpoint is written after a NaN/Inf loss); evaluation and saving time is not counted
+    as training time."""
+
+    def __init__(self, trainer: Trainer, total: int, steps_per_epoch: int, metric: str, greater: bool):
+        self.t, self.args = trainer, trainer.args
+        self.total, self.steps_per_epoch, self.metric, self.greater = total, steps_per_epoch, metric, greater
+        self.step = 0
+        self.progress = {"epoch": 0, "position": 0, "best_metric": None, "best_step": None, "bad_evals": 0}
+        self.pending: list[tuple[int, dict]] = []
+        self.examples = 0.0
+        self.seconds = 0.0
+        self.last_eval: Optional[tuple[int, dict]] = None
+        self.logger = RunLogger(trainer.output_dir, self.args.report_to)
+        self.batcher = trainer.batcher("train")
+        self.batcher.stats = type(self.batcher.stats)()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def loop(self) -> Optional[str]:
+        """Runs steps until ``total``; returns what stopped it early (None, early_stopping, SIGTERM)."""
+        t, args = self.t, self.args
+        bar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=args.disable_tqdm or not t.is_main)
+        start = time.perf_counter()
+        try:
+            while self.step < self.total:
+                for batch in t._device_batches(self.batcher, self.progress["epoch"], self.progress["position"],
+                                               self.steps_per_epoch, args.gradient_accumulation_steps, train=True):
+                    t.state, metrics = t.train_step(t.state, batch)
+                    self.step += 1
+                    self.progress["position"] += 1
+                    self.pending.append((self.step, metrics))
+                    bar.update(1)
+                    if self.step % args.logging_steps == 0 or self.step == self.total:
+                        self.log_train(bar, time.perf_counter() - start)
+                    start += self.timed_out(lambda: self.periodic(epoch_end=False))
+                    if t._sigterm:
+                        raise TrainingStopped("SIGTERM")
+                    if self.step >= self.total:
+                        break
+                else:
+                    self.progress.update(epoch=self.progress["epoch"] + 1, position=0)
+                    start += self.timed_out(lambda: self.periodic(epoch_end=True))
+            stopped_by = None
+        except TrainingStopped as e:
+            stopped_by = str(e)
+        finally:
+            bar.close()
+        self.flush()
+        self.seconds += time.perf_counter() - start
+        return stopped_by
+
+    @staticmethod
+    def timed_out(action) -> float:
+        """Runs ``action`` and returns its duration (to leave it out of training time)."""
+        start = time.perf_counter()
+        action()
+        return time.perf_counter() - start
+
+    def flush(self) -> Optional[dict]:
+        """Fetches pending step metrics, stops on NaN/Inf, returns their means."""
+        if not self.pending:
+            return None
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (s, _), m in zip(self.pending, fetched):
+            if not np.isfinite(m["loss"]):
+                raise FtjaxError(f"loss is {m['loss']} at step {s}: training stopped; the last good "
+                                 f"checkpoint is in {self.t.output_dir / 'checkpoints'}")
+        self.examples += sum(float(m.get("examples", m["weight"])) for m in fetched)
+        self.pending.clear()
+        return {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
+
+    def log_train(self, bar, elapsed: float) -> None:
+        means = self.flush()
+        means.update(learning_rate=float(self.t.schedule(self.step - 1)),
+                     epoch=self.progress["epoch"] + self.progress["position"] / self.steps_per_epoch,
+                     examples_per_second=self.examples / (self.seconds + elapsed))
+        self.logger.log(self.step, means, "train/")
+        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}",
+                        ex_s=f"{means['examples_per_second']:.1f}")
+
+    def save(self, eval_metrics: Optional[dict]) -> None:
+        self.flush()
+        meta = {"progress": self.progress, "config": self.t.config.to_dict()}
+        self.t.ckpt.save(self.step, self.t.state, meta, eval_metrics)
+
+    def evaluate(self) -> dict:
+        """Validation metrics; tracks the best one, saves it for load_best_model_at_end, and raises
+        TrainingStopped after ``early_stopping_patience`` evaluations without improvement."""
+        self.flush()
+        metrics = self.t.evaluate("validation")
+        self.last_eval = (self.step, metrics)
+        self.logger.log(self.step, {k: v for k, v in metrics.items() if k != "num_examples"}, "eval/")
+        value = metrics.get(self.metric)
+        if value is None:
+            raise FtjaxError(f"metric_for_best_model '{self.metric}' is not among {sorted(metrics)}")
+        best = self.progress["best_metric"]
+        if best is None or (value > best if self.greater else value < best):
+            self.progress.update(best_metric=value, best_step=self.step, bad_evals=0)
+            if self.args.load_best_model_at_end:
+                self.save(metrics)
+        else:
+            self.progress["bad_evals"] += 1
+        patience = self.args.early_stopping_patience
+        if patience and self.progress["bad_evals"] >= patience:
+            raise TrainingStopped("early_stopping")
+        return metrics
+
+    def periodic(self, epoch_end: bool) -> None:
+        """Evaluation and saving by their strategies ("steps" every N steps, "epoch" at epoch ends)."""
+        args = self.args
+
+        def due(strategy: str, every: Optional[int]) -> bool:
+            return (strategy == "epoch" and epoch_end) or (
+                strategy == "steps" and not epoch_end and bool(every) and self.step % every == 0)
+
+        eval_metrics = None
+        if "validation" in self.t.splits and due(args.eval_strategy, args.eval_steps or args.logging_steps):
+            eval_metrics = self.evaluate()
+        if due(args.save_strategy, args.save_steps) and self.step not in self.t.ckpt.all_steps():
+            self.save(eval_metrics)
+
+    # ---- the end -------------------------------------------------------------------------------
+    def finish_checkpoints(self, force: bool = False) -> None:
+        """A last checkpoint (unless this step has one, or saving is off) and waiting for writes."""
+        if (force or self.args.save_strategy != "no") and self.step not in self.t.ckpt.all_steps():
+            self.save(self.last_eval[1] if self.last_eval and self.last_eval[0] == self.step else None)
+        self.t.ckpt.wait()
+
+    def finish(self, stopped_by: Optional[str]) -> dict:
+        """Final evaluation, best model, results.json, export and plot."""
+        t, args, progress = self.t, self.args, self.progress
+        if "validation" in t.splits and args.eval_strategy != "no" and (
+                self.last_eval is None or self.last_eval[0] != self.step):
+            self.last_eval = (self.step, t.evaluate("validation"))
+            self.logger.log(self.step, {k: v for k, v in self.last_eval[1].items() if k != "num_examples"}, "eval/")
+        self.finish_checkpoints()
+        final = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.step else None
+        if args.load_best_model_at_end and progress["best_step"] not in (None, self.step):
+            t.state, _ = t.ckpt.restore(progress["best_step"], abstract_like(t.state, t.state_shardings))
+            final = None
+        results = {"train": {
+            "global_step": self.step, "epochs": progress["epoch"] + progress["position"] / self.steps_per_epoch,
+            "train_runtime_s": self.seconds, "train_examples": self.examples,
+            "train_examples_per_second": self.examples / max(self.seconds, 1e-9),
+            "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
+            "padding_efficiency": self.batcher.stats.padding_efficiency,
+            "compiles": {"train_step": t.train_step._cache_size(),
+                         "eval_step": t._eval_step._cache_size() if t._eval_step else 0},
+            "stopped_by": stopped_by, "best_step": progress["best_step"], "best_metric": progress["best_metric"],
+            "mesh": dict(t.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend()}}
+        for split in ("validation", "test"):
+            if split in t.splits:
+                results[split] = final if split == "validation" and final else t.evaluate(split)
+        host_params = jax.tree.map(to_host, t.state.params)  # collective: every process takes part
+        if t.is_main:
+            export_pretrained(t.model, host_params, t.tokenizer, t.output_dir / "export")
+            if args.export_pytorch:
+                results["train"]["pytorch_export"] = export_pytorch(t.output_dir / "export", t.task.auto_class)
+            self.logger.plot(t.output_dir / "loss.png")
+        t._write_json("results.json", results)
+        self.logger.close()
+        t.ckpt.close()
+        return results

@@ -1,6 +1,5 @@
 """Every notebook in notebooks/ runs top to bottom, headless, with its smoke settings."""
 
-import os
 from pathlib import Path
 
 import nbformat
