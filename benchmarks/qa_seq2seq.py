@@ -83,22 +83,25 @@ def seq2seq_data(tmp: Path, args) -> dict:
 
 # ---- workers (each its own process) ----------------------------------------------------------
 def ftjax_train(task: str, tmp: Path, args) -> dict:
+    from ftjax.runtime import configure_process
+    configure_process()  # what `ftjax train` does: memory-optimized XLA:CPU scheduler, no torch
     from ftjax.config import load_config
     from ftjax.trainer import Trainer
     common = [f"training.output_dir={tmp / ('run-' + task)}", "training.overwrite_output_dir=true",
               f"training.max_steps={args.steps}", "training.eval_strategy=no", "training.save_strategy=no",
               "training.export_pytorch=false", "training.disable_tqdm=true", "training.report_to=[jsonl]",
-              f"training.per_device_train_batch_size={args.batch_size}", f"training.logging_steps={args.steps}",
+              f"training.per_device_train_batch_size={args.batch_size // args.grad_accum}",
+              f"training.gradient_accumulation_steps={args.grad_accum}", f"training.logging_steps={args.steps}",
               "training.learning_rate=5e-5", "mesh.data=1"]
     if task == "qa":
         overrides = ["task=qa", f"model.name_or_path={MINILM}", f"model.max_length={args.qa_max_length}",
                      f"data.stride={args.qa_stride}", f"data.train_file={tmp / 'qa.jsonl'}",
-                     f"data.bucket_lengths=[128, 256, {args.qa_max_length}]"]
+                     f"data.bucket_lengths=[{args.qa_buckets}, {args.qa_max_length}]"]
     else:
         overrides = ["task=seq2seq", f"model.name_or_path={tmp / 'bart'}", f"model.max_length={args.source_length}",
                      f"data.train_file={tmp / 's2s.jsonl'}", f"data.max_target_length={args.target_length}",
-                     f"data.bucket_lengths=[128, 256, {args.source_length}]",
-                     f"data.target_bucket_lengths=[32, {args.target_length}]"]
+                     f"data.bucket_lengths=[{args.s2s_buckets}{args.source_length}]",
+                     f"data.target_bucket_lengths=[{args.s2s_target_buckets}{args.target_length}]"]
     train = Trainer(load_config(None, overrides + common)).train()["train"]
     return {"train_examples_per_s": train["train_examples_per_second"], "train_seconds": train["train_runtime_s"],
             "compiles": train["compiles"]["train_step"]}
@@ -147,6 +150,8 @@ def _gen_records(tmp: Path, args) -> list[dict]:
 
 
 def ftjax_generate(tmp: Path, args) -> dict:
+    from ftjax.runtime import configure_process
+    configure_process()
     from ftjax.config import load_config
     from ftjax.trainer import Trainer
     cfg = load_config(None, ["task=seq2seq", f"model.name_or_path={tmp / 'bart'}", f"model.max_length={args.source_length}",
@@ -204,12 +209,17 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="smoke settings (seconds)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=2,
+                   help="ftjax: the batch as this many accumulated microbatches (same gradient, less memory)")
     p.add_argument("--qa-examples", type=int, default=600)
     p.add_argument("--qa-max-length", type=int, default=384)
     p.add_argument("--qa-stride", type=int, default=128)
+    p.add_argument("--qa-buckets", default="96, 128, 160, 192, 224, 256", help="ftjax padded lengths below --qa-max-length")
     p.add_argument("--s2s-examples", type=int, default=960)
     p.add_argument("--source-length", type=int, default=512)
     p.add_argument("--target-length", type=int, default=64)
+    p.add_argument("--s2s-buckets", default="", help="ftjax source lengths below --source-length, e.g. '128, 256, '")
+    p.add_argument("--s2s-target-buckets", default="", help="ftjax target lengths below --target-length, e.g. '32, '")
     p.add_argument("--bart-d-model", type=int, default=256)
     p.add_argument("--bart-layers", type=int, default=3)
     p.add_argument("--gen-sequences", type=int, default=64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def cmd_predict(cfg, model: str | None, input_path: str, output_path: str | None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {"predictions": len(preds), "empty_inputs": len(records) - len(keep),
-            f"truncated_to_{limit}_tokens": too_long, "output": str(out)}
+            f"{task.long_inputs}_over_{limit}_tokens": too_long, "output": str(out)}
 
 
 def train_script(default_config: str, argv: list[str] | None = None) -> int:
@@ -115,16 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="default: on for wordpiece, off for bpe")
     tok.add_argument("--text-column", default="text")
     args = parser.parse_args(argv)
-    # Training never needs PyTorch (the PyTorch export runs in a child process): keep it out of
-    # memory (~250 MB). Not for predict: the NER post-processing reuses transformers.pipelines, which
-    # fails to import with USE_TORCH=0 while torch and accelerate are installed.
-    if args.command == "train" and "transformers" not in sys.modules:
-        os.environ.setdefault("USE_TORCH", "0")
-    # XLA:CPU's memory-optimized scheduler cuts the train step's temporary memory by ~20% here at no
-    # measurable speed cost (xla_cpu_* flags are ignored by GPU/TPU backends).
-    if "xla_cpu_scheduler_type" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED").strip()
+    from ftjax.runtime import configure_process
+    configure_process(training=args.command == "train")
     try:
         if args.command == "train-tokenizer":
             from ftjax.tokenizer_training import train_tokenizer

@@ -8,16 +8,13 @@
 import sys
 from pathlib import Path
 
-from ftjax.cli import main as cli_main
+from ftjax.cli import train_script
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "ner-wnut16-minilm.yaml")
+CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "ner-wnut16-minilm.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or "=" in argv[0]:  # only overrides: use the default config
-        argv = [DEFAULT_CONFIG, *argv]
-    return cli_main(["train", *argv])
+    return train_script(CONFIG, argv)
 
 
 if __name__ == "__main__":

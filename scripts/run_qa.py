@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ftjax.cli import main as cli_main
+from ftjax.cli import train_script
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "qa-local-minilm.yaml")
 LEE = "pkg://gensim/test/test_data/lee_background.cor"
@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--make-lee-data"]:
         make_lee_data(argv[1] if len(argv) > 1 else "data/lee_qa.jsonl")
         return 0
-    if not argv or "=" in argv[0]:  # only overrides: use the default config
-        argv = [DEFAULT_CONFIG, *argv]
-    return cli_main(["train", *argv])
+    return train_script(DEFAULT_CONFIG, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_train_eval_predict(tiny_model, sentiment_csv, tmp_path, capsys):
                         "--input", inputs, "--output", tmp_path / "preds.jsonl")
     summary = json.loads(out.strip())
     assert code == 0 and summary["predictions"] == 2 and summary["empty_inputs"] == 2
-    assert summary["truncated_to_32_tokens"] == 1
+    assert summary["truncated_over_32_tokens"] == 1
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[1]["prediction"] is None and rows[1]["note"] == "empty input"
     assert rows[0]["prediction"]["label"] in {"negative", "neutral", "positive"}

@@ -23,6 +23,7 @@ class Task:
     name: ClassVar[str]
     auto_class: ClassVar[str]  # transformers Flax auto class, e.g. FlaxAutoModelForSequenceClassification
     empty_prediction: ClassVar[Any] = None  # what ``ftjax predict`` writes for an empty input text
+    long_inputs: ClassVar[str] = "truncated"  # or "windowed": what happens to inputs over max_length
 
     def __init__(self, config: Config):
         self.config = config

@@ -92,6 +92,7 @@ def parse_answers(value: Any, where: str) -> tuple[list[str], list[int]]:
 @register
 class QuestionAnswering(Task):
     name = "qa"
+    long_inputs = "windowed"  # overlapping windows: no input token is dropped
     auto_class = "FlaxAutoModelForQuestionAnswering"
 
     def __init__(self, config):

@@ -210,6 +210,7 @@ def group_entities(postprocess, text: str, windows: list[dict], strategy: str) -
 @register
 class TokenClassification(Task):
     name = "token_classification"
+    long_inputs = "windowed"  # overlapping windows: no input token is dropped
     auto_class = "FlaxAutoModelForTokenClassification"
     empty_prediction: Any = ()  # no entities
 
