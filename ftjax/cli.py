@@ -20,8 +20,22 @@ def _summary(results: dict) -> dict:
             continue
         for k, v in values.items():
             if isinstance(v, (int, float, str)) or v is None:
-                flat[f"{section}_{k}"] = v
+                flat[k if k.startswith(section + "_") else f"{section}_{k}"] = v
     return flat
+
+
+HEADLINE = ("accuracy", "f1_macro", "f1", "exact_match", "rougeL", "perplexity", "loss")
+
+
+def _headline(results: dict) -> str:
+    """A readable line of the main metrics per split, e.g. ``validation: accuracy 0.744 f1_macro 0.727``."""
+    parts = []
+    for split in ("validation", "test"):
+        values = results.get(split) or {}
+        shown = [f"{k} {values[k]:.4f}" for k in HEADLINE if isinstance(values.get(k), (int, float))]
+        if shown:
+            parts.append(f"{split}: " + " ".join(shown))
+    return " | ".join(parts)
 
 
 def read_records(path: str, text_column: str | list[str]) -> list[dict]:
@@ -136,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except FtjaxError as e:
         print(f"ftjax: error: {e}", file=sys.stderr)
         return 2
+    if _headline(result):
+        print(_headline(result), file=sys.stderr)
     print(json.dumps(_summary(result)))
     return 0
 
