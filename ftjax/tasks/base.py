@@ -1,8 +1,13 @@
 """The small interface every task implements; the trainer, sharding and checkpoints are shared.
 
-A task knows four things: how to turn raw splits into token ids (``prepare``), how to score model
-output (``loss``), what to bring to the host after each eval batch (``outputs``) and how to turn
-those into metrics and predictions (``metrics`` / ``predictions``).
+A task must say four things: how to turn raw splits into token ids (``prepare``), how to score
+model output (``loss``), what to bring to the host after each eval batch (``outputs``) and how to
+turn those into metrics and predictions (``metrics`` / ``predictions``). Everything else is an
+optional hook with a default that fits encoder tasks: a special tokenizer or model
+(``adapt_tokenizer`` / ``load_model``), per-field padded lengths (``length_groups``), host-side batch
+transforms (``host_transform``, MLM masking), decoding inside the eval step (``eval_outputs``,
+generation), per-split host state (``begin_eval``, QA offsets), reports (``write_reports``) and
+custom inference (``predict_records``). New tasks register with ``@register``.
 """
 
 from __future__ import annotations
