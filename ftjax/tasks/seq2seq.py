@@ -23,7 +23,7 @@ import transformers
 
 from ftjax.data.batching import LengthGroup
 from ftjax.errors import FtjaxError
-from ftjax.models import compute_dtype, load_model, locate
+from ftjax.models import compute_dtype, load_model, locate, model_config as load_config
 from ftjax.tasks.base import Task, register, require_columns
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -118,12 +118,7 @@ class Seq2Seq(Task):
         ``FlaxEncoderDecoderModel`` whose decoder starts from the same weights (cross-attention new)."""
         self.tokenizer = tokenizer
         name, from_pt = locate(model_config.name_or_path)
-        try:
-            conf = transformers.AutoConfig.from_pretrained(name, revision=model_config.revision,
-                                                           trust_remote_code=model_config.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise FtjaxError(f"cannot load model config from '{name}': {str(e).splitlines()[0]}") from None
-        if conf.is_encoder_decoder:
+        if load_config(model_config).is_encoder_decoder:
             return load_model(self.auto_class, model_config, bf16, **kwargs)
         level = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the new cross-attention weights are expected
