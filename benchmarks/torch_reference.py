@@ -204,60 +204,43 @@ def _setup(seed: int) -> None:
     transformers.set_seed(seed)
 
 
-def train_sequence_classifier(
-    model_path: str,
-    train_texts: Sequence[str],
-    train_labels: Sequence[int],
-    eval_texts: Sequence[str],
-    eval_labels: Sequence[int],
-    num_labels: int,
-    *,
-    learning_rate: float = 5e-5,
-    num_train_epochs: float = 1.0,
-    max_steps: int = -1,
-    per_device_train_batch_size: int = 16,
-    per_device_eval_batch_size: int | None = None,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.0,
-    max_length: int = 128,
-    seed: int = 42,
-) -> dict[str, Any]:
-    """Fine-tune ``AutoModelForSequenceClassification`` and return the result dict."""
-    _setup(seed)
+# The hyperparameters both tasks accept (``TrainingArguments`` names) and their defaults.
+DEFAULT_HPARAMS: dict[str, Any] = dict(
+    learning_rate=5e-5, num_train_epochs=1.0, max_steps=-1, per_device_train_batch_size=16,
+    per_device_eval_batch_size=None, weight_decay=0.0, warmup_ratio=0.0, max_length=128, seed=42)
+
+
+def _hparams(overrides: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(overrides) - set(DEFAULT_HPARAMS)
+    if unknown:
+        raise TypeError(f"unknown hyperparameters: {sorted(unknown)}")
+    return {**DEFAULT_HPARAMS, **overrides}
+
+
+def train_sequence_classifier(model_path: str, train_texts: Sequence[str], train_labels: Sequence[int],
+                              eval_texts: Sequence[str], eval_labels: Sequence[int], num_labels: int,
+                              **hparams: Any) -> dict[str, Any]:
+    """Fine-tune ``AutoModelForSequenceClassification`` and return the result dict
+    (``hparams``: the keys of ``DEFAULT_HPARAMS``)."""
+    hp = _hparams(hparams)
+    _setup(hp["seed"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
     return _fit_and_evaluate(
         "classification", model_path,
-        _encode_texts(tokenizer, train_texts, train_labels, max_length),
-        _encode_texts(tokenizer, eval_texts, eval_labels, max_length),
-        tokenizer, model, DataCollatorWithPadding(tokenizer), _classification_metrics,
-        learning_rate=learning_rate, num_train_epochs=num_train_epochs, max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size,
-        per_device_eval_batch_size=per_device_eval_batch_size, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, max_length=max_length, seed=seed,
-    )
+        _encode_texts(tokenizer, train_texts, train_labels, hp["max_length"]),
+        _encode_texts(tokenizer, eval_texts, eval_labels, hp["max_length"]),
+        tokenizer, model, DataCollatorWithPadding(tokenizer), _classification_metrics, **hp)
 
 
-def train_token_classifier(
-    model_path: str,
-    train_tokens: Sequence[Sequence[str]],
-    train_tags: Sequence[Sequence[int]],
-    eval_tokens: Sequence[Sequence[str]],
-    eval_tags: Sequence[Sequence[int]],
-    label_names: Sequence[str],
-    *,
-    learning_rate: float = 5e-5,
-    num_train_epochs: float = 1.0,
-    max_steps: int = -1,
-    per_device_train_batch_size: int = 16,
-    per_device_eval_batch_size: int | None = None,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.0,
-    max_length: int = 128,
-    seed: int = 42,
-) -> dict[str, Any]:
-    """Fine-tune ``AutoModelForTokenClassification`` (NER) and return the result dict."""
-    _setup(seed)
+def train_token_classifier(model_path: str, train_tokens: Sequence[Sequence[str]],
+                           train_tags: Sequence[Sequence[int]], eval_tokens: Sequence[Sequence[str]],
+                           eval_tags: Sequence[Sequence[int]], label_names: Sequence[str],
+                           **hparams: Any) -> dict[str, Any]:
+    """Fine-tune ``AutoModelForTokenClassification`` (NER) and return the result dict
+    (``hparams``: the keys of ``DEFAULT_HPARAMS``)."""
+    hp = _hparams(hparams)
+    _setup(hp["seed"])
     label_names = list(label_names)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForTokenClassification.from_pretrained(
@@ -266,15 +249,10 @@ def train_token_classifier(
     )
     return _fit_and_evaluate(
         "ner", model_path,
-        _encode_words(tokenizer, train_tokens, train_tags, max_length),
-        _encode_words(tokenizer, eval_tokens, eval_tags, max_length),
+        _encode_words(tokenizer, train_tokens, train_tags, hp["max_length"]),
+        _encode_words(tokenizer, eval_tokens, eval_tags, hp["max_length"]),
         tokenizer, model, DataCollatorForTokenClassification(tokenizer),
-        lambda logits, labels: _ner_metrics(logits, labels, label_names),
-        learning_rate=learning_rate, num_train_epochs=num_train_epochs, max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size,
-        per_device_eval_batch_size=per_device_eval_batch_size, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, max_length=max_length, seed=seed,
-    )
+        lambda logits, labels: _ner_metrics(logits, labels, label_names), **hp)
 
 
 def run_from_json(task: str, model_path: str, data_path: str, num_labels: int | None = None,
@@ -296,20 +274,23 @@ def run_from_json(task: str, model_path: str, data_path: str, num_labels: int | 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (hyperparameter names follow ``TrainingArguments``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = DEFAULT_HPARAMS
     p.add_argument("--task", choices=TASKS, default="classification")
     p.add_argument("--model", required=True, help="local model folder")
     p.add_argument("--data", required=True, help="data JSON (see module docstring)")
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification only; default max(label)+1")
-    p.add_argument("--learning-rate", "--lr", type=float, default=5e-5)
-    p.add_argument("--num-train-epochs", "--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides epochs")
-    p.add_argument("--per-device-train-batch-size", "--batch-size", type=int, default=16)
-    p.add_argument("--per-device-eval-batch-size", "--eval-batch-size", type=int, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--learning-rate", "--lr", type=float, default=d["learning_rate"])
+    p.add_argument("--num-train-epochs", "--epochs", type=float, default=d["num_train_epochs"])
+    p.add_argument("--max-steps", type=int, default=d["max_steps"], help="> 0 overrides epochs")
+    p.add_argument("--per-device-train-batch-size", "--batch-size", type=int,
+                   default=d["per_device_train_batch_size"])
+    p.add_argument("--per-device-eval-batch-size", "--eval-batch-size", type=int,
+                   default=d["per_device_eval_batch_size"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"])
+    p.add_argument("--max-length", type=int, default=d["max_length"])
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
 
