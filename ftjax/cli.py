@@ -78,7 +78,7 @@ def cmd_predict(cfg, model: str | None, input_path: str, output_path: str | None
     from ftjax.tasks import get_task
     from ftjax.trainer import Trainer
     task = get_task(cfg)
-    columns = task.predict_columns()
+    columns = task.input_columns
     column = columns[0]
     records = read_records(input_path, columns)
     trainer = Trainer(cfg, task=task, model_path=_trained_model(cfg, model), with_data=False)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--text-column", default="text")
     args = parser.parse_args(argv)
     from ftjax.runtime import configure_process
-    configure_process(training=args.command == "train")
+    configure_process()
     try:
         if args.command == "train-tokenizer":
             from ftjax.tokenizer_training import train_tokenizer

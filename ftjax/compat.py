@@ -13,9 +13,15 @@ has 0.11.2):
 3. ``FlaxLlamaRotaryEmbedding`` hardcodes the rotary base 10000 and ignores ``config.rope_theta``
    (SmolLM2 uses 100000: its loss is off by ~0.1 nats without this); its ``setup`` is replaced by one
    that reads ``rope_theta``.
+4. With PyTorch disabled (``USE_TORCH=0``, what ftjax sets: ``ftjax.runtime``) but accelerate
+   installed, ``import transformers.pipelines`` fails (``trainer_pt_utils`` subclasses torch's
+   ``LRScheduler`` because ``is_accelerate_available()`` is true). accelerate cannot run without
+   torch, so transformers is told it is unavailable while torch is disabled.
 
-``install()`` patches these modules when they are imported (an import hook), so ``import ftjax``
-stays cheap, and at once if they were imported before ftjax.
+Nothing happens at import: ``install()`` applies the shims, at once to modules already imported and
+to the others when they are imported (an import hook). Code that builds a transformers Flax model
+gets transformers from ``flax_transformers()``, which calls it; so do ``ftjax.models.load_model`` /
+``model_config`` and ``ftjax.lm_inference``.
 """
 
 from __future__ import annotations
@@ -92,7 +98,10 @@ def llama_rotary_setup(self) -> None:
 
 
 def _patch(module) -> None:
-    if module.__name__ == LLAMA_MODULE:
+    if module.__name__ == IMPORT_UTILS_MODULE:
+        if not module.is_torch_available():
+            module._accelerate_available = False
+    elif module.__name__ == LLAMA_MODULE:
         module.FlaxLlamaRotaryEmbedding.setup = llama_rotary_setup
     elif module.__name__ == LOGITS_MODULE:
         module.FlaxNoRepeatNGramLogitsProcessor.__call__ = no_repeat_ngram_call
@@ -125,11 +134,27 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
 _FINDER = _PatchAfterImport()
 LLAMA_MODULE = "transformers.models.llama.modeling_flax_llama"
-PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, LLAMA_MODULE)
+IMPORT_UTILS_MODULE = "transformers.utils.import_utils"
+PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, LLAMA_MODULE, IMPORT_UTILS_MODULE)
+
+
+def flax_transformers():
+    """The ``transformers`` module, ready to build Flax models: PyTorch kept out of the process if
+    transformers is not imported yet (``ftjax.runtime.transformers_without_torch``) and the shims
+    installed. Idempotent and cheap after the first call.
+
+    Example: ``flax_transformers().FlaxEncoderDecoderModel.from_encoder_decoder_pretrained(...)``.
+    """
+    from ftjax.runtime import transformers_without_torch
+
+    transformers_without_torch()
+    install()
+    import transformers
+    return transformers
 
 
 def install() -> None:
-    """Applies the shims (idempotent). Called when ``ftjax`` is imported."""
+    """Applies the shims (idempotent); called by the ftjax code that builds transformers models."""
     for name in PATCHED_MODULES:
         if name in sys.modules:
             _patch(sys.modules[name])

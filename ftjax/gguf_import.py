@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ftjax.data.loading import resolve_path
+from ftjax.compat import flax_transformers
 from ftjax.errors import FtjaxError
+from ftjax.paths import resolve_path
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 _LAYER = {  # GGUF tensor name in block i -> Flax Llama parameter path (kernel = weight.T)
@@ -96,7 +97,7 @@ def read_llama_params(reader, config) -> dict:
 def load_gguf_tokenizer(folder: str, filename: str, reader):
     """The fast tokenizer from GGUF metadata, with its EOS / PAD / BOS settings taken from the file
     (transformers 4.57 sets EOS to the BOS token for GGUF BPE tokenizers)."""
-    import transformers
+    transformers = flax_transformers()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=filename, legacy=False)
 
     def meta(key):
@@ -135,7 +136,7 @@ def _file_hash(path: str) -> str:
 
 def import_gguf(path: str, cache_dir: str | Path | None = None) -> Path:
     """A Hugging Face folder with Flax Llama weights converted from the GGUF file (cached)."""
-    import transformers
+    transformers = flax_transformers()
 
     path = resolve_path(path)
     if not Path(path).is_file():

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import compat
 from ftjax.errors import FtjaxError
 
 PAD_MULTIPLE = 16
@@ -60,6 +61,7 @@ def fill_mask(model, tokenizer, texts: list[str], top_k: int = 5, targets: Optio
       ``result[text][mask]`` = candidates ``{"token", "token_str", "score"}``, best first: the
       ``top_k`` most probable tokens, or the ``targets`` (their first token) ranked by probability.
     """
+    compat.install()  # a model built outside ftjax.models gets the Flax fixes too (ftjax/compat.py)
     if tokenizer.mask_token_id is None:
         raise FtjaxError("fill-mask needs a tokenizer with a mask token")
     for i, text in enumerate(texts):
@@ -94,6 +96,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 32
                   params=None, batch_size: int = 8, max_length: Optional[int] = None) -> list[str]:
     """Continuations of each prompt (the generated text only, special tokens removed): greedy, or
     sampled with temperature / top-k (0 = off) / top-p; the same seed gives the same text."""
+    compat.install()  # e.g. Llama's rope_theta for a model built outside ftjax.models (ftjax/compat.py)
     params = model.params if params is None else params
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample), "pad_token_id": pad_id,

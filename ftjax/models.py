@@ -1,4 +1,16 @@
-"""Pick and load the transformers Flax class for a task, from a local folder or a hub name."""
+"""Pick and load the transformers Flax class for a task, from a local folder or a hub name.
+
+This is where ftjax imports ``transformers``, and so where two process-wide choices are made:
+
+* PyTorch stays out of the process: transformers imports torch when it is installed (the ``bench``
+  extra installs it), ~250 MB and seconds for nothing, since ftjax builds only Flax models. Unless
+  transformers was imported before ftjax.models or ``USE_TORCH`` is set, ``USE_TORCH=0`` is set
+  first (``ftjax.runtime.transformers_without_torch``).
+* The compatibility shims of ``ftjax/compat.py`` (transformers 4.57 Flax models on new jax) are
+  installed by the functions here that build or configure a model (``load_model``,
+  ``model_config``), not at import. Code elsewhere that builds a transformers Flax model itself
+  gets the module from ``flax_transformers()`` (``ftjax.compat``, re-exported here).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +18,16 @@ import logging
 from pathlib import Path
 
 import jax.numpy as jnp
-import transformers
 
+from ftjax import compat
+from ftjax.compat import flax_transformers  # noqa: F401  (re-exported)
 from ftjax.config import ModelConfig
-from ftjax.data.loading import hub_offline, resolve_path
 from ftjax.errors import FtjaxError
+from ftjax.paths import hub_offline, resolve_path
+from ftjax.runtime import transformers_without_torch
+
+transformers_without_torch()  # must precede the first `import transformers`
+import transformers  # noqa: E402
 
 FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
 PT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -75,6 +92,7 @@ def check_head(name: str, cfg: ModelConfig, head_suffix: str, num_labels: int | 
 def model_config(cfg: ModelConfig, **overrides):
     """The transformers config of ``cfg.name_or_path``; with ``from_scratch`` it may also be a bare
     model type (``gpt2``, ``bert``, ``llama``...), and ``config_overrides`` then apply."""
+    compat.install()
     if cfg.from_scratch and cfg.name_or_path in transformers.CONFIG_MAPPING:
         conf = transformers.AutoConfig.for_model(cfg.name_or_path)
     else:
@@ -96,6 +114,7 @@ def model_config(cfg: ModelConfig, **overrides):
 def load_model(auto_class: str, cfg: ModelConfig, bf16: bool = False, **model_kwargs):
     """The Flax model with its parameters (``model.params``, float32 master weights); randomly
     initialised from ``model_config`` when ``cfg.from_scratch``."""
+    compat.install()
     if cfg.from_scratch:
         seed = model_kwargs.pop("seed", 0)
         conf = model_config(cfg, **model_kwargs)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import transformers
 from tokenizers import ByteLevelBPETokenizer, BertWordPieceTokenizer
 from tokenizers.processors import TemplateProcessing
 
 from ftjax.data.loading import load_file
 from ftjax.errors import FtjaxError
+from ftjax.models import flax_transformers
 
 KINDS = ("wordpiece", "bpe")
 
@@ -45,6 +45,7 @@ def train_tokenizer(files: list[str], output_dir: str, kind: str = "wordpiece", 
     texts = list(iter_texts(files, text_column))
     if not texts:
         raise FtjaxError(f"{', '.join(files)}: no text to train a tokenizer on")
+    transformers = flax_transformers()  # torch kept out
     if kind == "wordpiece":
         model = BertWordPieceTokenizer(lowercase=lowercase)
         model.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,

