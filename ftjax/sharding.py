@@ -2,34 +2,43 @@
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with sharded parameters and
 optimizer state) and ``tensor`` (Megatron-style tensor parallelism). The batch is split over
-``("data", "fsdp")``. Parameters are placed by rules over their path strings
-(``bert/encoder/layer/0/attention/self/query/kernel``): tensor rules first, then FSDP shards the
-largest remaining dimension of every big array.
+``("data", "fsdp")``. Parameters are placed by their path strings
+(``bert/encoder/layer/0/attention/self/query/kernel``): the first partition rule
+``[regex, spec]`` that matches gives the tensor-parallel spec, then FSDP shards the largest
+remaining dimension of every big array. Rules are data (``mesh.rules`` in the config, default
+``DEFAULT_TP_RULES``), so a new architecture needs no code.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Optional
+import typing
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax.config import MeshConfig
+from ftjax.config import MeshAxis, MeshConfig
 from ftjax.errors import FtjaxError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = typing.get_args(MeshAxis)  # ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Column-parallel kernels [in, out] split their output features; row-parallel ones their inputs.
+# [regex over the path, mesh axis or None per dimension]; the first rule that matches (and has one
+# entry per dimension of the array) wins. Column-parallel kernels [in, out] split their output
+# features, and their biases with them; row-parallel kernels split their input features.
 # Covers BERT/RoBERTa/ELECTRA/ALBERT, DistilBERT, GPT-2/Neo, Llama/Gemma/Mistral, BART/Pegasus, T5.
-COLUMN_PARALLEL = (r"(attention/self/(query|key|value)|q_lin|k_lin|v_lin|q_proj|k_proj|v_proj|"
-                   r"gate_proj|up_proj|intermediate/dense|lin1|c_fc|c_attn|fc1|/wi(_0|_1)?|/(q|k|v))/kernel$")
-ROW_PARALLEL = (r"(attention/output/dense|out_lin|o_proj|down_proj|out_proj|(?<!attention/)output/dense|"
-                r"lin2|c_proj|fc2|/wo|/o)/kernel$")
-COLUMN_BIAS = COLUMN_PARALLEL.replace("/kernel$", "/bias$")
+_COLUMN = (r"(attention/self/(query|key|value)|q_lin|k_lin|v_lin|q_proj|k_proj|v_proj|"
+           r"gate_proj|up_proj|intermediate/dense|lin1|c_fc|c_attn|fc1|/wi(_0|_1)?|/(q|k|v))")
+_ROW = (r"(attention/output/dense|out_lin|o_proj|down_proj|out_proj|(?<!attention/)output/dense|"
+        r"lin2|c_proj|fc2|/wo|/o)")
+DEFAULT_TP_RULES: list = [
+    [_COLUMN + "/kernel$", [None, "tensor"]],
+    [_ROW + "/kernel$", ["tensor", None]],
+    [_COLUMN + "/bias$", ["tensor"]],
+]
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[list] = None) -> Mesh:
@@ -57,30 +66,29 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def param_spec(path: str, shape: tuple, mesh: Mesh, fsdp_min_size: int = 2**14) -> P:
-    """PartitionSpec for one array by its path; unshardable dimensions stay replicated."""
+def param_spec(path: str, shape: tuple, mesh: Mesh, fsdp_min_size: int = 2**14,
+               rules: Optional[Sequence] = None) -> P:
+    """PartitionSpec for one array by its path and the first matching rule (None or []:
+    ``DEFAULT_TP_RULES``); an axis of size 1 or one that does not divide its dimension is dropped."""
     spec: list[Any] = [None] * len(shape)
-    tp, fs = mesh.shape["tensor"], mesh.shape["fsdp"]
-    if tp > 1 and len(shape) >= 1:
-        if len(shape) == 2 and re.search(COLUMN_PARALLEL, path) and shape[1] % tp == 0:
-            spec[1] = "tensor"
-        elif len(shape) == 2 and re.search(ROW_PARALLEL, path) and shape[0] % tp == 0:
-            spec[0] = "tensor"
-        elif len(shape) == 1 and re.search(COLUMN_BIAS, path) and shape[0] % tp == 0:
-            spec[0] = "tensor"
-    if fs > 1 and int(np.prod(shape)) >= fsdp_min_size:
+    for pattern, axes in rules or DEFAULT_TP_RULES:
+        if len(axes) == len(shape) and re.search(pattern, path):
+            spec = [a if a and mesh.shape[a] > 1 and n % mesh.shape[a] == 0 else None for a, n in zip(axes, shape)]
+            break
+    fs = mesh.shape["fsdp"]
+    if fs > 1 and "fsdp" not in spec and int(np.prod(shape)) >= fsdp_min_size:
         free = [i for i in np.argsort(shape)[::-1] if spec[i] is None and shape[i] % fs == 0]
         if free:
             spec[free[0]] = "fsdp"
     return P(*spec)
 
 
-def tree_shardings(tree, mesh: Mesh, fsdp_min_size: int = 2**14):
+def tree_shardings(tree, mesh: Mesh, fsdp_min_size: int = 2**14, rules: Optional[Sequence] = None):
     """NamedShardings for a pytree of arrays or ShapeDtypeStructs (params or optimizer state)."""
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, param_spec(path_str(path), shape, mesh, fsdp_min_size))
+        return NamedSharding(mesh, param_spec(path_str(path), shape, mesh, fsdp_min_size, rules))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

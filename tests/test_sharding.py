@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_overrides, write_sentiment_csv
 from ftjax.config import MeshConfig, load_config
 from ftjax.errors import FtjaxError
-from ftjax.sharding import make_mesh, param_spec
+from ftjax.sharding import DEFAULT_TP_RULES, make_mesh, param_spec, tree_shardings
 from ftjax.trainer import Trainer
 
 
@@ -33,6 +33,68 @@ def test_partition_rules_for_bert_paths():
     assert param_spec("bert/embeddings/LayerNorm/scale", (256,), mesh, 1024) == P(None)
     assert param_spec("opt/0/mu/" + q, (255, 256), mesh, 1024) == P(None, "tensor")  # 255 not divisible
 
+
+
+def test_default_rules_are_data_and_give_todays_specs():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    q = "bert/encoder/layer/0/attention/self/query/kernel"
+    cases = {  # path: (shape, spec) of the hard-coded rules this list replaced
+        q: ((256, 256), P("fsdp", "tensor")),
+        "bert/encoder/layer/0/attention/self/value/bias": ((256,), P("tensor")),
+        "bert/encoder/layer/0/attention/output/dense/kernel": ((256, 256), P("tensor", "fsdp")),
+        "bert/encoder/layer/0/attention/output/dense/bias": ((256,), P(None)),
+        "bert/encoder/layer/0/intermediate/dense/kernel": ((256, 1024), P("fsdp", "tensor")),
+        "bert/encoder/layer/0/intermediate/dense/bias": ((1024,), P("tensor")),
+        "bert/encoder/layer/0/output/dense/kernel": ((1024, 256), P("tensor", "fsdp")),
+        "bert/encoder/layer/0/output/LayerNorm/scale": ((256,), P(None)),
+        "bert/embeddings/word_embeddings/embedding": ((30522, 256), P("fsdp", None)),
+        "bert/pooler/dense/kernel": ((256, 256), P(None, "fsdp")),
+        "opt/0/v_row/" + q: ((256,), P(None)),  # Adafactor's factored row: no 1-d rule for a kernel
+        "opt/0/mu/" + q: ((256, 6), P("fsdp", None)),  # 6 not divisible by 4: replicated on tensor
+    }
+    cfg = load_config(None, [])
+    assert cfg.mesh.rules == []
+    for path, (shape, spec) in cases.items():
+        assert param_spec(path, shape, mesh, 1024) == spec, path
+        assert param_spec(path, shape, mesh, 1024, cfg.mesh.rules) == spec, path
+        assert param_spec(path, shape, mesh, 1024, DEFAULT_TP_RULES) == spec, path
+    tensor_only = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+    assert param_spec(q, (256, 256), tensor_only, 1024) == P(None, "tensor")
+    data_only = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
+    assert param_spec(q, (256, 256), data_only, 1024) == P(None, None)  # size-1 axes are dropped
+
+
+def test_custom_rules_from_the_config_change_the_spec():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+    cfg = load_config(None, ['mesh.rules=[["query/kernel$", [tensor, null]], [".*", [null, null]]]'])
+    assert cfg.mesh.rules == [("query/kernel$", ["tensor", None]), (".*", [None, None])]
+    rules = cfg.mesh.rules
+    base = "bert/encoder/layer/0/attention/"
+    assert param_spec(base + "self/query/kernel", (256, 256), mesh, 1024, rules) == P("tensor", None)
+    assert param_spec(base + "self/key/kernel", (256, 256), mesh, 1024, rules) == P(None, None)  # catch-all
+    assert param_spec(base + "self/key/kernel", (256, 256), mesh, 1024) == P(None, "tensor")  # the defaults
+    assert param_spec(base + "self/query/bias", (256,), mesh, 1024, rules) == P(None)  # no 1-d rule
+    # A rule naming fsdp takes that dimension; FSDP then leaves the array alone.
+    fsdp = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    rules = load_config(None, ['mesh.rules=[["query/kernel$", [fsdp, tensor]]]']).mesh.rules
+    assert param_spec(base + "self/query/kernel", (256, 256), fsdp, 1024, rules) == P("fsdp", "tensor")
+    params = {"bert": {"encoder": {"layer": {"0": {"attention": {"self": {"query": {
+        "kernel": jax.ShapeDtypeStruct((256, 256), np.float32)}}}}}}}}
+    (sharding,) = jax.tree.leaves(tree_shardings(params, fsdp, 1024, rules))
+    assert sharding.spec == P("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("rules,message", [
+    ('[["query/kernel$", [null, tensr]]]', "'tensr' is not one of data / fsdp / tensor; did you mean 'tensor'"),
+    ('[["(query", [null, tensor]]]', "rule 0 regex '\\(query' does not compile"),
+    ('[["query/kernel$"]]', "cannot use"),
+    ('[[["query"], [null, tensor]]]', "cannot use"),
+    ('query', "cannot use"),
+])
+def test_a_bad_rule_fails_at_load(rules, message):
+    with pytest.raises(FtjaxError, match="config key 'mesh.rules'") as e:
+        load_config(None, [f"mesh.rules={rules}"])
+    assert e.match(message) and "\n" not in str(e.value)
 
 def _losses(tiny_model, data, out, mesh, per_device_batch):
     cfg = load_config(None, tiny_overrides(
