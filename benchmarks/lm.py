@@ -38,7 +38,7 @@ def spec(args, task: str) -> dict:
 
 def ftjax_overrides(s: dict, out: str) -> list[str]:
     return [f"task={s['task']}", f"model.name_or_path={s['model']}", f"data.train_file={LEE}",
-            "data.split_rule=mod10", f"data.block_size={s['block_size']}", f"data.bucket_lengths=[{s['block_size']}]",
+            "data.split_rule=mod10", f"task_options.block_size={s['block_size']}", f"data.bucket_lengths=[{s['block_size']}]",
             f"training.per_device_train_batch_size={s['batch_size']}", f"training.learning_rate={LR}",
             f"training.output_dir={out}", "training.disable_tqdm=true", "training.report_to=[jsonl]",
             f"training.seed={s['seed']}", "training.dropout=true"]
@@ -67,15 +67,15 @@ def child_ftjax(s: dict) -> dict:
         jax.block_until_ready(trainer.state)
         seconds = time.perf_counter() - start
         return {"loss": float(metrics["loss"]), "seconds": seconds,
-                "packing_efficiency": trainer.task.pack_stats["train"]["packing_efficiency"],
-                "train_blocks": trainer.task.pack_stats["train"]["blocks"], "devices": jax.device_count()}
+                "packing_efficiency": trainer.splits["train"].meta["packing"]["packing_efficiency"],
+                "train_blocks": trainer.splits["train"].meta["packing"]["blocks"], "devices": jax.device_count()}
 
 
 def child_torch(s: dict, blocks_file: str) -> dict:
     """``transformers.Trainer`` on the same blocks; time from the end of the warm-up steps."""
     import torch
     import transformers
-    from ftjax.data.loading import resolve_path
+    from ftjax.paths import resolve_path
     torch.set_num_threads(__import__("os").cpu_count() or 1)
     transformers.set_seed(s["seed"])
     blocks = json.loads(Path(blocks_file).read_text())
@@ -122,8 +122,10 @@ def shared_blocks(s: dict, path: Path) -> None:
     cfg = load_config(None, ftjax_overrides(s, "unused"))
     task = get_task(cfg)
     tok = task.adapt_tokenizer(load_tokenizer(cfg.model))
-    packed = task.prepare(load_splits(cfg.data), tok)
-    path.write_text(json.dumps([list(b) for b in packed["train"]["input_ids"]]))
+    raw = load_splits(cfg.data)
+    task.check(raw)
+    packed = task.prepare(raw, tok)
+    path.write_text(json.dumps([list(b) for b in packed["train"].rows["input_ids"]]))
 
 
 def main() -> None:

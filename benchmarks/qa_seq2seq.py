@@ -38,15 +38,15 @@ WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010
 def qa_data(tmp: Path, args) -> dict:
     """The Lee cloze questions as a jsonl file (ftjax) and their train features as JSON (PyTorch)."""
     from ftjax.config import load_config
-    from ftjax.data.loading import resolve_path
     from ftjax.data.squad import cloze_qa
     from ftjax.models import load_tokenizer
+    from ftjax.paths import resolve_path
     from ftjax.tasks.question_answering import QuestionAnswering
     import datasets
     docs = Path(resolve_path(LEE)).read_text(encoding="latin-1").splitlines()
     rows = cloze_qa(docs)[:args.qa_examples]
     (tmp / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, [f"model.max_length={args.qa_max_length}", f"data.stride={args.qa_stride}", "task=qa"])
+    cfg = load_config(None, [f"model.max_length={args.qa_max_length}", f"task_options.stride={args.qa_stride}", "task=qa"])
     feats = QuestionAnswering(cfg).prepare(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
                                            load_tokenizer(cfg.model))["train"].remove_columns("context_mask")
     (tmp / "qa_features.json").write_text(json.dumps(feats.to_dict()))
@@ -59,7 +59,7 @@ def seq2seq_data(tmp: Path, args) -> dict:
 
     import transformers
     from ftjax.data.corpora import read_wiki_dump
-    from ftjax.data.loading import resolve_path
+    from ftjax.paths import resolve_path
     articles = read_wiki_dump(resolve_path(WIKI))
     rows = []
     for text in articles["text"]:
@@ -95,13 +95,13 @@ def ftjax_train(task: str, tmp: Path, args) -> dict:
               "training.learning_rate=5e-5", "mesh.data=1"]
     if task == "qa":
         overrides = ["task=qa", f"model.name_or_path={MINILM}", f"model.max_length={args.qa_max_length}",
-                     f"data.stride={args.qa_stride}", f"data.train_file={tmp / 'qa.jsonl'}",
+                     f"task_options.stride={args.qa_stride}", f"data.train_file={tmp / 'qa.jsonl'}",
                      f"data.bucket_lengths=[{args.qa_buckets}, {args.qa_max_length}]"]
     else:
         overrides = ["task=seq2seq", f"model.name_or_path={tmp / 'bart'}", f"model.max_length={args.source_length}",
-                     f"data.train_file={tmp / 's2s.jsonl'}", f"data.max_target_length={args.target_length}",
+                     f"data.train_file={tmp / 's2s.jsonl'}", f"task_options.max_target_length={args.target_length}",
                      f"data.bucket_lengths=[{args.s2s_buckets}{args.source_length}]",
-                     f"data.target_bucket_lengths=[{args.s2s_target_buckets}{args.target_length}]"]
+                     f"task_options.target_bucket_lengths=[{args.s2s_target_buckets}{args.target_length}]"]
     train = Trainer(load_config(None, overrides + common)).train()["train"]
     return {"train_examples_per_s": train["train_examples_per_second"], "train_seconds": train["train_runtime_s"],
             "compiles": train["compiles"]["train_step"]}
@@ -112,6 +112,8 @@ def torch_train(task: str, tmp: Path, args) -> dict:
 
     import torch_reference as R  # sets USE_FLAX=0 before transformers is imported
     import transformers as T
+
+    from ftjax.paths import resolve_path  # standard library only: no JAX in the PyTorch worker
     with contextlib.redirect_stdout(sys.stderr):
         R._setup(42)
         common = dict(output_dir=str(tmp / f"torch-{task}"), max_steps=args.steps, learning_rate=5e-5,
@@ -119,7 +121,7 @@ def torch_train(task: str, tmp: Path, args) -> dict:
                       logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
                       dataloader_num_workers=0, dataloader_pin_memory=False)
         if task == "qa":
-            path = _resolve(MINILM)
+            path = resolve_path(MINILM)
             tok = T.AutoTokenizer.from_pretrained(path)
             cols = json.loads((tmp / "qa_features.json").read_text())
             data = [dict(zip(cols, values)) for values in zip(*cols.values())]
@@ -187,13 +189,6 @@ def torch_generate(tmp: Path, args) -> dict:
             model.generate(**enc, num_beams=4, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     seconds = time.perf_counter() - start
     return {"sequences_per_s": len(records) / seconds, "generate_seconds": seconds}
-
-
-def _resolve(path: str) -> str:
-    """``pkg://`` paths without importing ftjax (keeps JAX out of PyTorch workers)."""
-    import importlib.util
-    package, _, rest = path[len("pkg://"):].partition("/")
-    return str(Path(list(importlib.util.find_spec(package).submodule_search_locations)[0]) / rest)
 
 
 WORKERS = {"ftjax-qa": lambda t, a: ftjax_train("qa", t, a), "torch-qa": lambda t, a: torch_train("qa", t, a),

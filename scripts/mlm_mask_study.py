@@ -66,8 +66,8 @@ def run(args) -> dict:
                 f"model.config_overrides={{hidden_size: {args.hidden}, num_hidden_layers: {args.layers}, "
                 f"num_attention_heads: {max(args.hidden // 64, 1)}, intermediate_size: {4 * args.hidden}, "
                 f"max_position_embeddings: {max(args.block_size, 128)}}}",
-                f"data.train_file={args.corpus}", "data.split_rule=mod10", f"data.block_size={args.block_size}",
-                f"data.bucket_lengths=[{args.block_size}]", f"data.mlm_probability={p}", "data.whole_word_masking=true",
+                f"data.train_file={args.corpus}", "data.split_rule=mod10", f"task_options.block_size={args.block_size}",
+                f"data.bucket_lengths=[{args.block_size}]", f"task_options.mlm_probability={p}", "task_options.whole_word_masking=true",
                 f"training.output_dir={run_dir}", f"training.max_steps={args.steps}",
                 f"training.per_device_train_batch_size={args.batch_size}", "training.per_device_eval_batch_size=64",
                 f"training.learning_rate={args.learning_rate}", "training.warmup_ratio=0.05",
@@ -76,7 +76,7 @@ def run(args) -> dict:
                 "training.seed=0", "mesh.data=1"]
             trainer = Trainer(load_config(None, overrides))
             result = trainer.train()
-            trainer.config.data.mlm_probability = args.eval_probability  # the same held-out masks for all
+            trainer.config.task_options.mlm_probability = args.eval_probability  # the same held-out masks for all
             held_out = trainer.evaluate("test")
             log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
             curves[p] = [(r["step"], r["train/loss"]) for r in log if "train/loss" in r]

@@ -1,7 +1,7 @@
 """Masked-LM pre-training / domain adaptation: the same as ``ftjax train configs/mlm-minilm-lee.yaml``.
 
     python scripts/run_mlm.py                        # MiniLM-L6 on the Lee corpus, offline
-    python scripts/run_mlm.py training.num_train_epochs=1 data.mlm_probability=0.3
+    python scripts/run_mlm.py training.num_train_epochs=1 task_options.mlm_probability=0.3
 """
 
 import sys

@@ -2,7 +2,7 @@
 
     python scripts/run_ner.py                                   # WNUT-16, MiniLM-L6, offline
     python scripts/run_ner.py configs/ner-conll2003-bert.yaml    # CoNLL-2003 from the Hub
-    python scripts/run_ner.py training.num_train_epochs=1 data.label_all_tokens=true
+    python scripts/run_ner.py training.num_train_epochs=1 task_options.label_all_tokens=true
 """
 
 import sys

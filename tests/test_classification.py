@@ -33,9 +33,9 @@ def _pairs_csv(path, n=120, regression=False):
 def test_sentence_pairs_are_encoded_together_and_train(tiny_model, tmp_path):
     data = _pairs_csv(tmp_path / "nli.csv")
     cfg = load_config(None, tiny_overrides(tiny_model, data, tmp_path / "run", **{
-        "data.text_column": "premise", "data.text_pair_column": "hypothesis", "training.num_train_epochs": 1}))
+        "data.text_column": "premise", "task_options.text_pair_column": "hypothesis", "training.num_train_epochs": 1}))
     trainer = Trainer(cfg)
-    row = trainer.splits["train"][0]
+    row = trainer.splits["train"].rows[0]
     assert 1 in row["token_type_ids"] and row["input_ids"].count(trainer.tokenizer.sep_token_id) == 2
     results = trainer.train()
     assert trainer.task.label_names == ["entailment", "neutral"]
@@ -45,7 +45,7 @@ def test_sentence_pairs_are_encoded_together_and_train(tiny_model, tmp_path):
 def test_float_labels_train_a_regression_head(tiny_model, tmp_path):
     data = _pairs_csv(tmp_path / "sts.csv", regression=True)
     cfg = load_config(None, tiny_overrides(tiny_model, data, tmp_path / "run", **{
-        "data.text_column": "premise", "data.text_pair_column": "hypothesis", "training.num_train_epochs": 4,
+        "data.text_column": "premise", "task_options.text_pair_column": "hypothesis", "training.num_train_epochs": 4,
         "training.metric_for_best_model": "pearson"}))
     trainer = Trainer(cfg)
     results = trainer.train()
@@ -61,7 +61,7 @@ def test_classlabel_features_keep_their_names():
     splits = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]},
                                                                  features=features) for s in ("train", "validation")})
     task = get_task(load_config(None, []))
-    task.setup(splits)
+    task.check(splits)
     assert task.label_names == ["neg", "pos"] and task.model_kwargs()["id2label"] == {0: "neg", 1: "pos"}
 
 

@@ -26,7 +26,7 @@ SENTENCE = "The quick brown fox jumps over the lazy dog."
 
 
 def lm_overrides(model, out, task="mlm", **extra):
-    base = {"task": task, "data.block_size": 32, "data.bucket_lengths": "[32]", "training.max_steps": 12,
+    base = {"task": task, "task_options.block_size": 32, "data.bucket_lengths": "[32]", "training.max_steps": 12,
             "training.eval_strategy": "no", "training.save_strategy": "no", "training.export_pytorch": "false",
             "training.per_device_eval_batch_size": 32}
     base.update(extra)
@@ -103,9 +103,9 @@ def test_whole_word_masking_masks_every_piece_of_a_word():
 
 def test_mlm_trains_on_lee_with_perplexity_and_accuracy(tiny_model, tmp_path):
     trainer = Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "run", **{
-        "training.max_steps": 20, "training.learning_rate": 5e-3, "data.whole_word_masking": "true",
-        "data.mlm_probability": 0.3})))
-    assert trainer.task.pack_stats["train"]["packing_efficiency"] == 1.0
+        "training.max_steps": 20, "training.learning_rate": 5e-3, "task_options.whole_word_masking": "true",
+        "task_options.mlm_probability": 0.3})))
+    assert trainer.splits["train"].meta["packing"]["packing_efficiency"] == 1.0
     results = trainer.train()
     val = results["validation"]
     assert val["perplexity"] == pytest.approx(np.exp(val["loss"]), rel=1e-4)
@@ -145,10 +145,10 @@ def test_clm_from_scratch_trains_and_generates(bpe_tokenizer, tmp_path, capsys):
     overrides = lm_overrides("gpt2", tmp_path / "run", task="clm", **{
         "model.from_scratch": "true", "model.tokenizer_name_or_path": bpe_tokenizer,
         "model.config_overrides": "{n_layer: 2, n_embd: 32, n_head: 4, n_positions: 64}",
-        "training.max_steps": 24, "training.learning_rate": 1e-2, "data.remainder": "pad"})
+        "training.max_steps": 24, "training.learning_rate": 1e-2, "task_options.remainder": "pad"})
     trainer = Trainer(load_config(None, overrides))
     assert trainer.model.config.vocab_size == 600 and trainer.model.config.n_layer == 2
-    assert trainer.task.pack_stats["validation"]["packing_efficiency"] < 1.0  # padded last block
+    assert trainer.splits["validation"].meta["packing"]["packing_efficiency"] < 1.0  # padded last block
     results = trainer.train()
     assert results["validation"]["perplexity"] < 0.6 * 600  # below uniform over the vocabulary
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -189,7 +189,7 @@ def test_bad_input_fails_with_one_clear_line(tiny_model, bpe_tokenizer, tmp_path
         Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "a", **{
             "data.train_file": str(empty), "data.split_rule": "none"})))
     with pytest.raises(FtjaxError, match="block_size 256 is above the model's maximum of 128"):
-        Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "b", **{"data.block_size": 256})))
+        Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "b", **{"task_options.block_size": 256})))
     with pytest.raises(FtjaxError, match="needs a tokenizer with a mask token"):
         Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "c", **{
             "model.tokenizer_name_or_path": bpe_tokenizer})))

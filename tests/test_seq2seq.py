@@ -28,20 +28,6 @@ def _tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_bart(tmp_path_factory):
-    tok = _tokenizer()
-    config = transformers.BartConfig(
-        vocab_size=tok.vocab_size, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-        decoder_start_token_id=tok.cls_token_id, forced_eos_token_id=None)
-    folder = tmp_path_factory.mktemp("tiny-bart")
-    transformers.FlaxBartForConditionalGeneration(config, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
     tok = _tokenizer()
     config = transformers.T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1,
@@ -54,8 +40,8 @@ def tiny_t5(tmp_path_factory):
 
 
 def _overrides(model, out, **extra):
-    base = {"task": "seq2seq", "model.max_length": 64, "data.bucket_lengths": "[64]", "data.source_column": "text",
-            "data.target_column": "title", "data.max_target_length": 16, "data.target_bucket_lengths": "[16]",
+    base = {"task": "seq2seq", "model.max_length": 64, "data.bucket_lengths": "[64]", "task_options.source_column": "text",
+            "task_options.target_column": "title", "task_options.max_target_length": 16, "task_options.target_bucket_lengths": "[16]",
             "training.learning_rate": 3e-3, "training.predict_with_generate": "true", "inference.max_new_tokens": 6,
             "training.export_pytorch": "false", "training.per_device_eval_batch_size": 8}
     return tiny_overrides(model, WIKI, out, **{**base, **extra})
@@ -96,7 +82,7 @@ def test_jitted_generate_matches_transformers(tiny_bart, beams, ngram):
     model = transformers.FlaxBartForConditionalGeneration.from_pretrained(tiny_bart)
     ids = jnp.array(np.random.default_rng(0).integers(1000, 2000, (2, 12)))
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
-    ours = jax.jit(lambda p, b: task.generate(model, p, b))(model.params, batch)
+    ours = jax.jit(lambda p, b: task.generate_ids(model, p, b))(model.params, batch)
     ref = model.generate(ids, attention_mask=batch["attention_mask"], max_new_tokens=7, num_beams=beams,
                          no_repeat_ngram_size=ngram, length_penalty=0.8, decoder_start_token_id=101,
                          pad_token_id=0, eos_token_id=102, trace=False).sequences
@@ -112,7 +98,7 @@ def test_tiny_models_train_and_generate_on_wikipedia_titles(model_fixture, reque
     model = request.getfixturevalue(model_fixture)
     extra = {"inference.num_beams": 2, "inference.no_repeat_ngram_size": 2}
     if model_fixture == "tiny_t5":
-        extra["data.source_prefix"] = "'summarize: '"
+        extra["task_options.source_prefix"] = "'summarize: '"
     out = tmp_path / "run"
     results = Trainer(load_config(None, _overrides(model, out, **extra))).train()
     val = results["validation"]
@@ -140,7 +126,7 @@ def test_bert2bert_from_minilm_trains_exports_and_predicts(tmp_path):
     assert reloaded.config.decoder_start_token_id == 101
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": "Anarchism is a political philosophy."}) + "\n")
     cfg = tmp_path / "s2s.yaml"
-    cfg.write_text(f"task: seq2seq\ntraining: {{output_dir: {out}}}\ndata: {{source_column: text}}\n"
+    cfg.write_text(f"task: seq2seq\ntraining: {{output_dir: {out}}}\ntask_options: {{source_column: text}}\n"
                    "model: {max_length: 64}\ninference: {max_new_tokens: 4}\nmesh: {data: 1}\n")
     assert cli.main(["predict", str(cfg), "--input", str(tmp_path / "in.jsonl"),
                      "--output", str(tmp_path / "pred.jsonl")]) == 0

@@ -108,3 +108,46 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model, sentiment_csv, tmp_path
     with pytest.raises(FtjaxError, match="loss is nan|loss is inf"):
         _train(tiny_model, sentiment_csv, tmp_path / "run",
                **{"training.learning_rate": 1e30, "training.max_grad_norm": 0, "training.logging_steps": 1})
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_every_step_loss_is_in_its_log_window(tiny_model, sentiment_csv, tmp_path):
+    """Evaluations and saves between log steps must not drop the steps they interrupt."""
+    common = {"training.max_steps": 12, "training.dropout": "false", "training.save_strategy": "steps",
+              "training.save_steps": 5, "training.eval_strategy": "steps", "training.eval_steps": 3}
+    _train(tiny_model, sentiment_csv, tmp_path / "each", **common, **{"training.logging_steps": 1})
+    _train(tiny_model, sentiment_csv, tmp_path / "four", **common, **{"training.logging_steps": 4})
+    per_step = np.array([r["train/loss"] for r in _log(tmp_path / "each") if "train/loss" in r])
+    windows = [(r["step"], r["train/loss"]) for r in _log(tmp_path / "four") if "train/loss" in r]
+    assert [s for s, _ in windows] == [4, 8, 12] and len(per_step) == 12
+    np.testing.assert_allclose([v for _, v in windows], per_step.reshape(3, 4).mean(1), rtol=1e-5)
+    evals = [r["step"] for r in _log(tmp_path / "four") if "eval/loss" in r]
+    assert evals == [3, 6, 9, 12]  # every 3 steps; the last step's evaluation is not repeated
+
+
+def test_the_last_evaluation_counts_for_the_best_model(tiny_model, sentiment_csv, tmp_path, monkeypatch):
+    """With epoch evaluation, the final step's evaluation is scored like the others (and exported)."""
+    evaluate = Trainer.evaluate
+
+    def later_is_better(self, split="validation"):  # a validation loss that falls with every evaluation
+        metrics = evaluate(self, split)
+        return {**metrics, "loss": 100.0 / self.step} if split == "validation" and self.state is not None else metrics
+
+    monkeypatch.setattr(Trainer, "evaluate", later_is_better)
+    trainer, results = _train(
+        tiny_model, sentiment_csv, tmp_path / "run",
+        **{"training.num_train_epochs": 2, "training.load_best_model_at_end": "true", "training.save_total_limit": 1})
+    evals = {r["step"]: r["eval/loss"] for r in _log(tmp_path / "run") if "eval/loss" in r}
+    assert sorted(evals) == [12, 24] and evals[24] < evals[12]
+    best = 24
+    assert results["train"]["best_step"] == best and results["train"]["best_metric"] == pytest.approx(evals[best])
+    assert results["validation"]["loss"] == pytest.approx(evals[best], rel=1e-5)
+    exported = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "export")
+    for a, b in zip(jax.tree.leaves(exported.params), _leaves(trainer)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["task_options"] == {"text_pair_column": None, "problem_type": "auto"}
+    assert config["model"]["name_or_path"] == tiny_model

@@ -51,7 +51,8 @@ class Batcher:
     """Turns a tokenized ``datasets.Dataset`` into numpy batches of a few fixed shapes.
 
     Args:
-      ds: this process's rows; sequence columns are lists of ints, others scalars.
+      ds: the whole split (every process holds it); this process reads rows ``process_index``,
+        ``process_index + process_count``, ... Sequence columns are lists of ints, others scalars.
       batch_size: rows per batch on this process.
       max_length: the largest sequence length (last bucket).
       buckets: candidate padded lengths.
@@ -71,8 +72,9 @@ class Batcher:
         self.buckets = bucket_lengths(buckets, max_length)
         self.pad = dict(DEFAULT_PAD, input_ids=pad_id, decoder_input_ids=pad_id)
         self.process_index, self.process_count = process_index, process_count
-        cols = ds.column_names
-        first = ds[0]
+        cols, first = ds.column_names, ds[0]
+        if process_count > 1:  # strided, so a global batch holds the rows a one-process run would
+            ds = ds.shard(num_shards=process_count, index=process_index, contiguous=False)
         self.seq_fields = [c for c in cols if isinstance(first[c], list)]
         self.scalar_fields = [c for c in cols if c not in self.seq_fields]
         self.columns = ds[:]  # dict of python lists

@@ -106,5 +106,5 @@ def pack_dataset(ds: datasets.Dataset, tokenizer, block_size: int, separator_id:
                           tokenized["word_ids"] if with_word_ids else None)
     if stats.blocks == 0:
         raise FtjaxError(f"{split} split: {stats.dropped_tokens} tokens are fewer than one block of "
-                         f"{block_size}; use data.remainder=pad or a smaller data.block_size")
+                         f"{block_size}; use task_options.remainder=pad or a smaller task_options.block_size")
     return datasets.Dataset.from_dict(columns), stats

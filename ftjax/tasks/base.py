@@ -1,18 +1,38 @@
-"""The small interface every task implements; the trainer, sharding and checkpoints are shared.
+"""The one small interface a task implements; data loading, the loop, sharding and checkpoints are shared.
 
-A task must say four things: how to turn raw splits into token ids (``prepare``), how to score
-model output (``loss``), what to bring to the host after each eval batch (``outputs``) and how to
-turn those into metrics and predictions (``metrics`` / ``predictions``). Everything else is an
-optional hook with a default that fits encoder tasks: a special tokenizer or model
-(``adapt_tokenizer`` / ``load_model``), per-field padded lengths (``length_groups``), host-side batch
-transforms (``host_transform``, MLM masking), decoding inside the eval step (``eval_outputs``,
-generation), per-split host state (``begin_eval``, QA offsets), reports (``write_reports``) and
-custom inference (``predict_records``). New tasks register with ``@register``.
+A task is six methods, in three pairs, plus a check of the raw data; nothing is remembered between
+them except the label set that ``check`` reads from the training data:
+
+    host, before training     check(splits)                                   bad input -> FtjaxError; label set
+                              prepare(splits, tokenizer) -> {split: Split}    tokenized rows + host meta
+                              encode(records, tokenizer) -> Split             the same for ``ftjax predict``
+    device, inside jit        loss(model, params, batch, rng, train) -> (loss sum, weight sum)
+                              outputs(model, params, batch) -> {name: [rows, ...]}
+    host, after evaluation    metrics(outputs, meta) -> {name: value}
+                              predictions(outputs, meta) -> [one per record]
+
+``Split.meta`` holds what the host needs to score a split (QA contexts and offsets, seq2seq
+references, NER words), indexed by the split's global row (or example) number. Every process
+prepares every split whole (the batcher then reads only its own strided rows), and ``outputs`` are
+gathered from all processes and sorted by the global ``index`` before ``metrics`` sees them, so
+``metrics(outputs, meta)`` is a pure function of its arguments and the same on every host.
+
+With labels in the batch, ``outputs`` also returns per-row ``loss_sum`` / ``loss_weight``: the
+evaluation loss is their ratio, the same definition as the training loss.
+
+Optional hooks, with defaults that fit encoder tasks: ``adapt_tokenizer`` (e.g. add_prefix_space;
+MLM reads its mask token here), ``load_model`` (seq2seq builds BERT2BERT), ``labels_from_model``
+(label names of a trained model, for predict), ``length_groups`` (fields with their own padded
+length), ``host_transform`` (MLM masking), ``generate`` (predict by generation / fill-mask) and
+``reports`` (extra files, e.g. NER's error analysis). Task options are a dataclass (``Options``)
+read from the ``task_options`` config section; tasks never change the config.
+A new task is one module: a ``Task`` subclass with ``@register`` and its ``Options``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import Any, ClassVar, Optional
 
 import datasets
 import jax
@@ -24,102 +44,113 @@ from ftjax.errors import FtjaxError
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+@dataclasses.dataclass
+class Split:
+    """One prepared split: the model's rows and the host-side data its metrics need."""
+
+    rows: datasets.Dataset
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A task without options of its own."""
+
+
 class Task:
     name: ClassVar[str]
     auto_class: ClassVar[str]  # transformers Flax auto class, e.g. FlaxAutoModelForSequenceClassification
+    Options: ClassVar[type] = NoOptions  # the ``task_options`` dataclass
     empty_prediction: ClassVar[Any] = None  # what ``ftjax predict`` writes for an empty input text
     long_inputs: ClassVar[str] = "truncated"  # or "windowed": what happens to inputs over max_length
 
     def __init__(self, config: Config):
         self.config = config
+        self.options = task_options(type(self), config.task_options)
 
-    # ---- data ------------------------------------------------------------------------------
-    def setup(self, splits: datasets.DatasetDict) -> None:
-        """Inspects the raw splits (labels, columns) and raises FtjaxError on bad input."""
+    @property
+    def max_length(self) -> int:
+        """Tokens per row: the batcher's longest bucket."""
+        return self.config.model.max_length
 
-    def setup_from_model(self, model_config) -> None:
-        """Label information from a trained model's config (predict without data)."""
+    @property
+    def input_columns(self) -> list[str]:
+        """Columns every ``ftjax predict`` record needs; the first is checked for truncation."""
+        return [self.config.data.text_column]
 
+    # ---- the interface ---------------------------------------------------------------------
+    def check(self, splits: datasets.DatasetDict) -> None:
+        """Checks the whole raw splits, before any subsampling (FtjaxError naming the split and
+        example on bad input), and reads what the task learns from them (the label set)."""
+
+    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> dict[str, Split]:
+        """Tokenized splits (after ``check``), each with the host meta its metrics need."""
+        raise NotImplementedError
+
+    def encode(self, records: list[dict], tokenizer) -> Split:
+        """Rows (no labels) and meta for ``ftjax predict`` from raw records."""
+        raise NotImplementedError
+
+    def loss(self, model, params, batch: dict, rng: Optional[jax.Array], train: bool) -> tuple[jax.Array, jax.Array]:
+        """(sum of losses over counted rows / tokens, number counted): ``make_train_step``'s contract."""
+        raise NotImplementedError
+
+    def outputs(self, model, params, batch: dict) -> dict[str, jax.Array]:
+        """Per-row arrays to bring to the host (leading axis = batch), always with ``index`` and
+        ``weight``; with labels in the batch also ``loss_sum`` and ``loss_weight``."""
+        raise NotImplementedError
+
+    def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
+        """Scores of a split from its real rows' outputs (in global row order) and its meta."""
+        raise NotImplementedError
+
+    def predictions(self, outputs: dict[str, np.ndarray], meta: dict) -> list:
+        """One prediction per record given to ``encode``."""
+        raise NotImplementedError
+
+    # ---- optional hooks ----------------------------------------------------------------------
     def adapt_tokenizer(self, tokenizer):
-        """The tokenizer this task needs, given the loaded one (e.g. with add_prefix_space)."""
+        """The tokenizer this task needs, given the loaded one."""
         return tokenizer
 
+    def model_kwargs(self) -> dict:
+        """Extra config for ``from_pretrained`` (num_labels, id2label...), known after ``prepare``."""
+        return {}
+
+    def labels_from_model(self, model_config) -> None:
+        """Label names of a trained model (predict / eval without training data)."""
+
     def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
-        """The Flax model for this task (default: ``auto_class`` from ``model.name_or_path``); a task
-        may build it otherwise (seq2seq makes an encoder-decoder from an encoder checkpoint)."""
+        """The Flax model (default: ``auto_class`` from ``model_config.name_or_path``)."""
         from ftjax.models import load_model
         return load_model(self.auto_class, model_config, bf16, **kwargs)
 
     def length_groups(self) -> tuple:
-        """``batching.LengthGroup``s: sequence fields padded to their own bucket length (seq2seq
-        targets) instead of the ``input_ids`` one."""
+        """``batching.LengthGroup``s: fields padded to their own bucket length (seq2seq targets)."""
         return ()
 
-    def predict_columns(self) -> list[str]:
-        """Columns every ``ftjax predict`` record needs; the first is checked for truncation."""
-        return [self.config.data.text_column]
-
-    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
-        """Tokenized splits with ``input_ids`` and the task's label field(s)."""
-        raise NotImplementedError
-
-    def model_kwargs(self) -> dict:
-        """Extra config for ``from_pretrained`` (num_labels, id2label...)."""
-        return {}
-
-    # ---- model -----------------------------------------------------------------------------
-    def forward(self, model, params, batch: dict, rng: jax.Array | None, train: bool):
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        return model(**inputs, params=params, dropout_rng=rng, train=train).logits
-
-    def eval_outputs(self, model, params, batch: dict) -> dict[str, jax.Array]:
-        """Runs inside the jitted eval step: per-example outputs plus ``_loss_sum`` / ``_weight``
-        when the batch has labels. Generation tasks override this to decode as well."""
-        logits = self.forward(model, params, batch, None, train=False)
-        out = self.outputs(logits, batch)
-        if "labels" in batch:
-            out["_loss_sum"], out["_weight"] = self.loss(logits, batch)
-        return out
-
     def host_transform(self, batch: dict[str, np.ndarray], epoch: int, train: bool) -> dict[str, np.ndarray]:
-        """Numpy batch -> numpy batch on the host before transfer (e.g. MLM masking). Must be a pure
-        function of (config seed, epoch, batch["index"]) so a resumed run sees the same data."""
+        """Numpy batch -> numpy batch before transfer (MLM masking). Must be a pure function of
+        (config seed, epoch, batch["index"]) so a resumed run sees the same data."""
         return batch
 
-    def loss(self, logits, batch: dict) -> tuple[jax.Array, jax.Array]:
-        """(sum of losses over counted rows/tokens, number counted)."""
-        raise NotImplementedError
-
-    def outputs(self, logits, batch: dict) -> dict[str, jax.Array]:
-        """Per-example arrays to bring to the host (leading axis = batch)."""
-        raise NotImplementedError
-
-    # ---- host side -------------------------------------------------------------------------
-    def begin_eval(self, split: str) -> None:
-        """Called before evaluating ``split`` ("predict" for ``predict_inputs`` rows), so a task that
-        keeps host-side data per split (QA offsets, reference texts) uses the right one in
-        ``metrics`` / ``predictions``."""
-
-    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict]:
-        raise NotImplementedError
-
-    def predict_records(self, model, params, tokenizer, records: list[dict]) -> list[dict] | None:
-        """Predictions for raw records computed by the task itself (text generation, fill-mask),
-        or None to use ``predict_inputs`` + the eval step + ``predictions``."""
+    def generate(self, model, params, tokenizer, records: list[dict]) -> Optional[list]:
+        """Predictions computed by the task's own jitted inference (generation, fill-mask), or None
+        to use ``encode`` + the eval step + ``predictions``."""
         return None
 
-    def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
-        """Tokenized rows for ``ftjax predict`` from raw records."""
-        raise NotImplementedError
-
-    def write_reports(self, outputs: dict[str, np.ndarray], split: str, output_dir) -> None:
-        """Extra files after evaluating a split (e.g. an error analysis); the main process only."""
+    def reports(self, outputs: dict[str, np.ndarray], meta: dict, split: str) -> dict[str, str]:
+        """Extra text files (name -> content) written after evaluating a split."""
+        return {}
 
 
-def require_columns(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
+def model_output(model, params, batch: dict, rng: Optional[jax.Array], train: bool):
+    """The model's output on the batch's model inputs (dropout only when ``train``)."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    return model(**inputs, params=params, dropout_rng=rng if train else None, train=train)
+
+
+def require_columns(ds: datasets.Dataset, split: str, columns: list[Optional[str]]) -> None:
     missing = [c for c in columns if c and c not in ds.column_names]
     if missing:
         raise FtjaxError(f"{split} split: column '{missing[0]}' not found (columns: {', '.join(ds.column_names)})")
@@ -133,8 +164,21 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def get_task(config: Config) -> Task:
+def task_class(name: str) -> type[Task]:
     import ftjax.tasks  # noqa: F401  (registers the built-in tasks)
-    if config.task not in _REGISTRY:
-        raise FtjaxError(f"unknown task '{config.task}' (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[config.task](config)
+    if name not in _REGISTRY:
+        raise FtjaxError(f"unknown task '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def get_task(config: Config) -> Task:
+    """The registered task named by ``config.task`` with its options from ``config.task_options``."""
+    return task_class(config.task)(config)
+
+
+def task_options(cls: type[Task], values: Any):
+    """The task's ``Options`` dataclass from the ``task_options`` section (checked like every config key)."""
+    if isinstance(values, cls.Options):
+        return values
+    from ftjax.config import build_dataclass
+    return build_dataclass(cls.Options, dict(values or {}), "task_options.")

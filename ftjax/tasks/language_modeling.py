@@ -9,11 +9,13 @@ tokens for MLM, next tokens for CLM). ``ftjax predict`` runs fill-mask (mlm) or 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Optional
 
 import datasets
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -21,24 +23,34 @@ import optax
 from ftjax.data.masking import mask_batch
 from ftjax.data.packing import pack_dataset
 from ftjax.errors import FtjaxError
-from ftjax.tasks.base import Task, register, require_columns
+from ftjax.tasks.base import Split, Task, model_output, register, require_columns
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LanguageModelingOptions:
+    block_size: Optional[int] = None  # tokens per block (default model.max_length)
+    remainder: Literal["drop", "pad"] = "drop"  # the last, shorter block of a split
+    mlm_probability: float = 0.15  # mlm: share of tokens (or words) predicted
+    whole_word_masking: bool = False  # mlm: mask every subword of a chosen word
 
 
 class LanguageModeling(Task):
     """Shared by MLM and CLM: packing, per-token loss bookkeeping, metrics, prediction."""
 
     causal: ClassVar[bool]
+    Options = LanguageModelingOptions
 
     def __init__(self, config):
         super().__init__(config)
-        self.pack_stats: dict[str, dict] = {}
-        self._eval_split = "validation"
+        if not 0 < self.options.mlm_probability < 1:
+            raise FtjaxError(f"task_options.mlm_probability must be in (0, 1), got {self.options.mlm_probability}")
 
     @property
-    def block_size(self) -> int:
-        return self.config.data.block_size or self.config.model.max_length
+    def max_length(self) -> int:
+        """One block: the batcher pads / cuts to it."""
+        return self.options.block_size or self.config.model.max_length
 
     def separator_id(self, tokenizer) -> int:
         first, second = ("eos_token_id", "sep_token_id") if self.causal else ("sep_token_id", "eos_token_id")
@@ -49,42 +61,35 @@ class LanguageModeling(Task):
                              "to join documents with")
         return sep
 
-    # ---- data ------------------------------------------------------------------------------
-    def setup(self, splits: datasets.DatasetDict) -> None:
-        for split, ds in splits.items():
-            require_columns(ds, split, [self.config.data.text_column])
-
+    # ---- host: data ------------------------------------------------------------------------
     def check_model(self, tokenizer) -> None:
         """block_size within the model's positions; token ids within its vocabulary."""
         from ftjax.models import model_config
         conf = model_config(self.config.model)
         positions = getattr(conf, "max_position_embeddings", None)
-        if positions and self.block_size > positions:
-            raise FtjaxError(f"data.block_size {self.block_size} is above the model's maximum of {positions} "
+        if positions and self.max_length > positions:
+            raise FtjaxError(f"task_options.block_size {self.max_length} is above the model's maximum of {positions} "
                              "positions (max_position_embeddings)")
         if not self.config.model.from_scratch and len(tokenizer) > conf.vocab_size:
             raise FtjaxError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                              f"{conf.vocab_size}; use the model's own tokenizer")
 
-    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
+    def check(self, splits: datasets.DatasetDict) -> None:
+        for split, ds in splits.items():
+            require_columns(ds, split, [self.config.data.text_column])
+
+    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> dict[str, Split]:
+        d, o = self.config.data, self.options
         self.check_model(tokenizer)
-        self.config.model.max_length = self.block_size  # the batcher pads / cuts to one block
-        self.set_vocabulary(tokenizer)
-        d = self.config.data
         out = {}
         for split, ds in splits.items():
-            out[split], stats = pack_dataset(
-                ds, tokenizer, self.block_size, self.separator_id(tokenizer), split, d.text_column, d.remainder,
-                with_word_ids=not self.causal and d.whole_word_masking, num_proc=d.preprocessing_num_workers)
-            self.pack_stats[split] = stats.as_dict()
+            rows, stats = pack_dataset(
+                ds, tokenizer, self.max_length, self.separator_id(tokenizer), split, d.text_column, o.remainder,
+                with_word_ids=not self.causal and o.whole_word_masking, num_proc=d.preprocessing_num_workers)
             log.info("%s: %d documents -> %d blocks of %d tokens, packing efficiency %.4f", split,
                      stats.documents, stats.blocks, stats.block_size, stats.efficiency)
-        return datasets.DatasetDict(out)
-
-    def set_vocabulary(self, tokenizer) -> None:
-        self.vocab_size = len(tokenizer)
-        self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), np.int32)
-        self.mask_id = tokenizer.mask_token_id
+            out[split] = Split(rows, {"packing": stats.as_dict()})
+        return out
 
     def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
         if model_config.from_scratch:  # size the embeddings to the tokenizer; its special ids
@@ -94,42 +99,36 @@ class LanguageModeling(Task):
                           eos_token_id=first(tokenizer.eos_token_id, tokenizer.sep_token_id))
         return super().load_model(model_config, bf16, tokenizer, **kwargs)
 
-    def begin_eval(self, split: str) -> None:
-        self._eval_split = split
+    def encode(self, records: list[dict], tokenizer) -> Split:
+        raise FtjaxError(f"task {self.name} predicts by {'generation' if self.causal else 'fill-mask'} only")
 
-    # ---- device side -----------------------------------------------------------------------
+    # ---- device ----------------------------------------------------------------------------
     def token_terms(self, logits, batch):
-        """Per-token cross-entropy, weights (1 where a token is predicted) and targets, ``[B, T]``."""
+        """Per-token cross-entropy, weights (1 where a token is predicted), targets and logits, ``[B, T]``."""
         raise NotImplementedError
 
-    def loss(self, logits, batch):
-        ce, w, _, _ = self.token_terms(logits, batch)
+    def loss(self, model, params, batch, rng, train):
+        ce, w, _, _ = self.token_terms(model_output(model, params, batch, rng, train).logits, batch)
         return (ce * w).sum(), w.sum()
 
-    def outputs(self, logits, batch):
-        ce, w, targets, logits = self.token_terms(logits, batch)
-        correct = (logits.argmax(-1) == targets) * w
+    def outputs(self, model, params, batch):
+        ce, w, targets, scores = self.token_terms(model_output(model, params, batch, None, False).logits, batch)
+        correct = (scores.argmax(-1) == targets) * w
         return {"index": batch["index"], "weight": batch["weight"], "loss_sum": (ce * w).sum(-1),
-                "tokens": w.sum(-1), "correct": correct.sum(-1)}
+                "loss_weight": w.sum(-1), "correct": correct.sum(-1)}
 
-    def eval_outputs(self, model, params, batch):
-        logits = self.forward(model, params, batch, None, train=False)
-        out = self.outputs(logits, batch)
-        out["_loss_sum"], out["_weight"] = out["loss_sum"].sum(), out["tokens"].sum()
-        return out
-
-    # ---- host side -------------------------------------------------------------------------
-    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        tokens = float(outputs["tokens"].sum())
+    # ---- host: scores ----------------------------------------------------------------------
+    def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
+        tokens = float(outputs["loss_weight"].sum())
         loss = float(outputs["loss_sum"].sum()) / max(tokens, 1.0)
         out = {"perplexity": math.exp(min(loss, 700.0)), "accuracy": float(outputs["correct"].sum()) / max(tokens, 1.0),
                "predicted_tokens": int(tokens)}
-        if self._eval_split in self.pack_stats:
-            out["packing_efficiency"] = self.pack_stats[self._eval_split]["packing_efficiency"]
+        if "packing" in meta:
+            out["packing_efficiency"] = meta["packing"]["packing_efficiency"]
         return out
 
-    def predictions(self, outputs):
-        return [{"loss": float(s / max(t, 1.0))} for s, t in zip(outputs["loss_sum"], outputs["tokens"])]
+    def predictions(self, outputs, meta):
+        return [{"loss": float(s / max(t, 1.0))} for s, t in zip(outputs["loss_sum"], outputs["loss_weight"])]
 
 
 def _shifted_ce(logits, targets, weights):
@@ -145,31 +144,34 @@ class MaskedLM(LanguageModeling):
     causal = False
 
     def adapt_tokenizer(self, tokenizer):
+        """Checks the mask token and reads the vocabulary the host-side masking draws from."""
         if tokenizer.mask_token is None:
             raise FtjaxError(f"task mlm needs a tokenizer with a mask token; {type(tokenizer).__name__} from "
                              f"'{self.config.model.tokenizer_name_or_path or self.config.model.name_or_path}' "
                              "has none (train one with `ftjax train-tokenizer --kind wordpiece`)")
+        self.vocab_size = len(tokenizer)
+        self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), np.int32)
+        self.mask_id = tokenizer.mask_token_id
         return tokenizer
 
     def host_transform(self, batch, epoch, train):
-        d = self.config.data
+        o = self.options
         return mask_batch(batch, seed=self.config.training.seed, epoch=epoch, train=train,
-                          probability=d.mlm_probability, mask_id=self.mask_id, vocab_size=self.vocab_size,
-                          special_ids=self.special_ids, whole_word=d.whole_word_masking)
+                          probability=o.mlm_probability, mask_id=self.mask_id, vocab_size=self.vocab_size,
+                          special_ids=self.special_ids, whole_word=o.whole_word_masking)
 
     def token_terms(self, logits, batch):
         labels = batch["labels"]
         weights = (labels >= 0) * batch["weight"][:, None]
         return _shifted_ce(logits, labels, weights)
 
-    def predict_records(self, model, params, tokenizer, records):
+    def generate(self, model, params, tokenizer, records):
         from ftjax.lm_inference import fill_mask
-        import jax
         inf = self.config.inference
         texts = [r[self.config.data.text_column] for r in records]
         return fill_mask(model, tokenizer, texts, top_k=inf.top_k or 5, targets=inf.targets,
                          params=jax.device_put(params), batch_size=self.config.training.per_device_eval_batch_size,
-                         max_length=self.config.model.max_length)
+                         max_length=self.max_length)
 
 
 @register
@@ -194,9 +196,8 @@ class CausalLM(LanguageModeling):
         weights = mask[:, 1:] * batch["weight"][:, None]  # the label of position t is token t + 1
         return _shifted_ce(logits[:, :-1], ids[:, 1:], weights)
 
-    def predict_records(self, model, params, tokenizer, records):
+    def generate(self, model, params, tokenizer, records):
         from ftjax.lm_inference import generate_text
-        import jax
         inf = self.config.inference
         prompts = [r[self.config.data.text_column] for r in records]
         texts = generate_text(model, tokenizer, prompts, max_new_tokens=inf.max_new_tokens, do_sample=inf.do_sample,
@@ -204,5 +205,5 @@ class CausalLM(LanguageModeling):
                               top_p=inf.top_p, seed=self.config.training.seed if inf.seed is None else inf.seed,
                               params=jax.device_put(params),
                               batch_size=self.config.training.per_device_eval_batch_size,
-                              max_length=self.config.model.max_length)
+                              max_length=self.max_length)
         return [{"generated_text": t} for t in texts]

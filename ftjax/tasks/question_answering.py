@@ -1,11 +1,12 @@
 """Extractive question answering (SQuAD v1.1 / v2.0): predict the answer span in a context.
 
-A context longer than ``model.max_length`` is cut into windows overlapping by ``data.stride`` tokens
+A context longer than ``model.max_length`` is cut into windows overlapping by ``task_options.stride`` tokens
 (features); each feature's label is the answer's start / end token, or the CLS token when the
 window does not hold the answer (or the question has none, SQuAD v2). The jitted eval step keeps
 only the ``n_best_size`` best start and end tokens inside the context of each feature; the host
-maps them back to text through the offsets it kept for each split and picks the best span per
-example across its windows (``null_score_diff_threshold`` decides "no answer" for v2).
+maps them back to text through the split's meta (contexts, feature -> example map, offsets) and
+picks the best span per example across its windows (``null_score_diff_threshold`` decides "no
+answer" for v2).
 EM / F1 use the official SQuAD answer normalisation.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import dataclasses
 import json
 import re
 import string
@@ -25,7 +27,7 @@ import numpy as np
 import optax
 
 from ftjax.errors import FtjaxError
-from ftjax.tasks.base import MODEL_INPUTS, Task, register, require_columns
+from ftjax.tasks.base import MODEL_INPUTS, Split, Task, model_output, register, require_columns
 
 
 # ---- official SQuAD evaluation (pure functions) ------------------------------------------------
@@ -89,27 +91,41 @@ def parse_answers(value: Any, where: str) -> tuple[list[str], list[int]]:
     return [str(t) for t in texts], [int(s) for s in starts]
 
 
+@dataclasses.dataclass
+class QuestionAnsweringOptions:
+    """``run_qa.py`` names and meanings."""
+
+    question_column: str = "question"
+    context_column: str = "context"
+    answer_column: str = "answers"  # {text: [...], answer_start: [...]} (a JSON string in csv)
+    stride: int = 32  # tokens shared by consecutive windows of a long context
+    version_2_with_negative: bool = False  # SQuAD v2: questions may have no answer
+    n_best_size: int = 20
+    max_answer_length: int = 30  # tokens
+    null_score_diff_threshold: float = 0.0  # v2: predict "" when null score - best span score > this
+
+
 @register
 class QuestionAnswering(Task):
     name = "qa"
     long_inputs = "windowed"  # overlapping windows: no input token is dropped
     auto_class = "FlaxAutoModelForQuestionAnswering"
+    Options = QuestionAnsweringOptions
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._host: dict[str, dict] = {}  # split -> contexts, golds, feature -> example map, offsets
-        self._split = "validation"
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.options.question_column, self.options.context_column]
 
-    # ---- data ------------------------------------------------------------------------------
-    def setup(self, splits: datasets.DatasetDict) -> None:
-        d = self.config.data
+    # ---- host: data ------------------------------------------------------------------------
+    def check(self, splits: datasets.DatasetDict) -> None:
+        o = self.options
         for split, ds in splits.items():
-            require_columns(ds, split, [d.question_column, d.context_column, d.answer_column])
-            for i, (context, answers) in enumerate(zip(ds[d.context_column], ds[d.answer_column])):
+            require_columns(ds, split, [o.question_column, o.context_column, o.answer_column])
+            for i, (context, answers) in enumerate(zip(ds[o.context_column], ds[o.answer_column])):
                 where = f"{split} split, example {i}"
                 texts, starts = parse_answers(answers, where)
-                if not texts and not d.version_2_with_negative:
-                    raise FtjaxError(f"{where}: no answer; set data.version_2_with_negative=true for "
+                if not texts and not o.version_2_with_negative:
+                    raise FtjaxError(f"{where}: no answer; set task_options.version_2_with_negative=true for "
                                      "SQuAD v2 data with unanswerable questions")
                 for text, start in zip(texts, starts):
                     found = (context or "")[start:start + len(text)]
@@ -120,25 +136,26 @@ class QuestionAnswering(Task):
     def _tokenize(self, tokenizer, questions: list[str], contexts: list[str], split: str):
         """Question + context windows (only the context is cut), with offsets and the
         feature -> example map; one clear error when a question leaves no room for the stride."""
-        d, max_length = self.config.data, self.config.model.max_length
+        stride, max_length = self.options.stride, self.max_length
         if tokenizer.padding_side != "right":
             raise FtjaxError("qa needs a tokenizer that pads on the right (question first, then context)")
         questions = [q.lstrip() for q in questions]  # leading spaces break truncation room
         room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
         q_lens = [len(x) for x in tokenizer(questions, add_special_tokens=False)["input_ids"]]
-        bad = next((i for i, n in enumerate(q_lens) if room - n <= d.stride), None)
+        bad = next((i for i, n in enumerate(q_lens) if room - n <= stride), None)
         if bad is not None:
             raise FtjaxError(f"{split} split, example {bad}: the question has {q_lens[bad]} tokens, which leaves "
                              f"{room - q_lens[bad]} context tokens per window with model.max_length={max_length}; "
-                             f"that must be more than data.stride={d.stride} (raise max_length or lower stride)")
+                             f"that must be more than task_options.stride={stride} (raise max_length or lower stride)")
         try:
-            return tokenizer(questions, contexts, truncation="only_second", max_length=max_length, stride=d.stride,
+            return tokenizer(questions, contexts, truncation="only_second", max_length=max_length, stride=stride,
                              return_overflowing_tokens=True, return_offsets_mapping=True)
         except Exception as e:  # tokenizers raises plain Exceptions
             raise FtjaxError(f"{split} split: cannot tokenize question + context: {str(e).splitlines()[0]}") from None
 
-    def _features(self, tokenizer, questions, contexts, answers, split: str, keep_offsets: bool) -> dict:
-        """Model inputs, ``context_mask`` and (with ``answers``) start / end labels per feature."""
+    def _features(self, tokenizer, questions, contexts, answers, split: str) -> tuple[dict, np.ndarray, list]:
+        """Model inputs, ``context_mask`` and (with ``answers``) start / end labels per feature;
+        the feature -> example map and each feature's character offsets (-1 outside the context)."""
         enc = self._tokenize(tokenizer, questions, contexts, split)
         example_of = np.asarray(enc["overflow_to_sample_mapping"], np.int64)
         cols = {k: enc[k] for k in MODEL_INPUTS if k in enc}
@@ -148,8 +165,7 @@ class QuestionAnswering(Task):
             offs = np.asarray(enc["offset_mapping"][i], np.int32).reshape(-1, 2)
             in_context = seq == 1
             cols["context_mask"].append(in_context.astype(np.int32).tolist())
-            if keep_offsets:
-                offsets.append(np.where(in_context[:, None], offs, -1))
+            offsets.append(np.where(in_context[:, None], offs, -1))
             if answers is None:
                 continue
             cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
@@ -165,87 +181,77 @@ class QuestionAnswering(Task):
             ends.append(end)
         if answers is not None:
             cols["start_positions"], cols["end_positions"] = starts, ends
-        return {"columns": cols, "example_of": example_of, "offsets": offsets}
+        return cols, example_of, offsets
 
-    def _prepare_split(self, ds: datasets.Dataset, tokenizer, split: str, with_answers: bool) -> datasets.Dataset:
-        d = self.config.data
-        questions = [str(q or "") for q in ds[d.question_column]]
-        contexts = [str(c or "") for c in ds[d.context_column]]
-        answers = [parse_answers(a, f"{split} split, example {i}") for i, a in enumerate(ds[d.answer_column])] \
+    def _split(self, ds: datasets.Dataset, tokenizer, split: str, with_answers: bool) -> Split:
+        """Features as rows; meta: contexts, gold answers, feature -> example map, offsets."""
+        o = self.options
+        questions = [str(q or "") for q in ds[o.question_column]]
+        contexts = [str(c or "") for c in ds[o.context_column]]
+        answers = [parse_answers(a, f"{split} split, example {i}") for i, a in enumerate(ds[o.answer_column])] \
             if with_answers else None
-        feats = self._features(tokenizer, questions, contexts, answers, split, keep_offsets=split != "train")
-        if split != "train":
-            self._host[split] = {"contexts": contexts, "golds": [a[0] for a in answers] if answers else None,
-                                 "example_of": feats["example_of"], "offsets": feats["offsets"],
-                                 "num_examples": len(contexts)}
-        return datasets.Dataset.from_dict(feats["columns"])
+        cols, example_of, offsets = self._features(tokenizer, questions, contexts, answers, split)
+        meta = {"contexts": contexts, "golds": [a[0] for a in answers] if answers else None,
+                "example_of": example_of, "offsets": offsets}
+        return Split(datasets.Dataset.from_dict(cols), meta)
 
-    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
-        return datasets.DatasetDict({split: self._prepare_split(ds, tokenizer, split, True)
-                                     for split, ds in splits.items()})
+    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> dict[str, Split]:
+        return {split: self._split(ds, tokenizer, split, True) for split, ds in splits.items()}
 
-    def predict_columns(self) -> list[str]:
-        return [self.config.data.question_column, self.config.data.context_column]
+    def encode(self, records: list[dict], tokenizer) -> Split:
+        columns = (self.options.question_column, self.options.context_column)
+        ds = datasets.Dataset.from_dict({c: [r.get(c) for r in records] for c in columns})
+        return self._split(ds, tokenizer, "predict", with_answers=False)
 
-    def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
-        d = self.config.data
-        ds = datasets.Dataset.from_dict({c: [r.get(c) for r in records] for c in (d.question_column, d.context_column)})
-        return self._prepare_split(ds, tokenizer, "predict", with_answers=False)
+    # ---- device ----------------------------------------------------------------------------
+    @staticmethod
+    def _row_loss(start, end, batch):
+        return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(start, batch["start_positions"])
+                      + optax.softmax_cross_entropy_with_integer_labels(end, batch["end_positions"]))
 
-    # ---- device side -----------------------------------------------------------------------
-    def forward(self, model, params, batch: dict, rng, train: bool):
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        out = model(**inputs, params=params, dropout_rng=rng, train=train)
-        return out.start_logits, out.end_logits
-
-    def loss(self, logits, batch: dict):
-        start, end = (x.astype(jnp.float32) for x in logits)
-        per_feature = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(start, batch["start_positions"])
-                             + optax.softmax_cross_entropy_with_integer_labels(end, batch["end_positions"]))
+    def loss(self, model, params, batch, rng, train):
+        out = model_output(model, params, batch, rng, train)
+        start, end = out.start_logits.astype(jnp.float32), out.end_logits.astype(jnp.float32)
         w = batch["weight"]
-        return (per_feature * w).sum(), w.sum()
+        return (self._row_loss(start, end, batch) * w).sum(), w.sum()
 
-    def outputs(self, logits, batch: dict) -> dict[str, jax.Array]:
+    def outputs(self, model, params, batch):
         """Per feature: the ``n_best_size`` best start / end tokens inside the context (fixed shape
         whatever the bucket length) and the null (CLS) score."""
-        start, end = (x.astype(jnp.float32) for x in logits)
-        k = min(self.config.data.n_best_size, start.shape[1])
+        out = model_output(model, params, batch, None, False)
+        start, end = out.start_logits.astype(jnp.float32), out.end_logits.astype(jnp.float32)
+        k = min(self.options.n_best_size, start.shape[1])
         mask = batch["context_mask"] > 0
         start_val, start_idx = jax.lax.top_k(jnp.where(mask, start, -jnp.inf), k)
         end_val, end_idx = jax.lax.top_k(jnp.where(mask, end, -jnp.inf), k)
-        return {"index": batch["index"], "weight": batch["weight"], "start_idx": start_idx, "start_val": start_val,
-                "end_idx": end_idx, "end_val": end_val, "null_score": start[:, 0] + end[:, 0]}
-
-    def eval_outputs(self, model, params, batch: dict) -> dict[str, jax.Array]:
-        logits = self.forward(model, params, batch, None, train=False)
-        out = self.outputs(logits, batch)
+        result = {"index": batch["index"], "weight": batch["weight"], "start_idx": start_idx,
+                  "start_val": start_val, "end_idx": end_idx, "end_val": end_val,
+                  "null_score": start[:, 0] + end[:, 0]}
         if "start_positions" in batch:
-            out["_loss_sum"], out["_weight"] = self.loss(logits, batch)
-        return out
+            result["loss_sum"] = self._row_loss(start, end, batch) * batch["weight"]
+            result["loss_weight"] = batch["weight"]
+        return result
 
-    # ---- host side -------------------------------------------------------------------------
-    def begin_eval(self, split: str) -> None:
-        self._split = split
-
-    def best_answers(self, outputs: dict[str, np.ndarray]) -> list[dict]:
+    # ---- host: scores ----------------------------------------------------------------------
+    def best_answers(self, outputs: dict[str, np.ndarray], meta: dict) -> list[dict]:
         """Per example (in order): the best span across its features, as answer text, character
         start / end in the context and a score (softmax over the example's candidates)."""
-        d, host = self.config.data, self._host[self._split]
+        o = self.options
         candidates = collections.defaultdict(list)  # example -> [(score, start_char, end_char)]
         null = {}
         for row, feature in enumerate(outputs["index"]):
-            ex, offs = int(host["example_of"][feature]), host["offsets"][feature]
+            ex, offs = int(meta["example_of"][feature]), meta["offsets"][feature]
             null[ex] = min(null.get(ex, np.inf), float(outputs["null_score"][row]))
             s_idx, e_idx = outputs["start_idx"][row], outputs["end_idx"][row]
             scores = outputs["start_val"][row][:, None] + outputs["end_val"][row][None, :]
             length = e_idx[None, :] - s_idx[:, None] + 1
-            ok = np.isfinite(scores) & (length >= 1) & (length <= d.max_answer_length)
+            ok = np.isfinite(scores) & (length >= 1) & (length <= o.max_answer_length)
             for a, b in zip(*np.nonzero(ok)):
                 candidates[ex].append((float(scores[a, b]), int(offs[s_idx[a], 0]), int(offs[e_idx[b], 1])))
         results = []
-        for ex in range(host["num_examples"]):
-            cands = sorted(candidates.get(ex, []), reverse=True)[:d.n_best_size]
-            if d.version_2_with_negative and ex in null:
+        for ex in range(len(meta["contexts"])):
+            cands = sorted(candidates.get(ex, []), reverse=True)[:o.n_best_size]
+            if o.version_2_with_negative and ex in null:
                 cands.append((null[ex], -1, -1))
             if not cands:
                 results.append({"answer": "", "start": -1, "end": -1, "score": 0.0})
@@ -254,16 +260,19 @@ class QuestionAnswering(Task):
             probs = np.exp(scores - scores.max())
             probs /= probs.sum()
             best = max(range(len(cands)), key=lambda i: cands[i][0] if cands[i][1] >= 0 else -np.inf)
-            if cands[best][1] < 0 or (d.version_2_with_negative and null[ex] - cands[best][0] > d.null_score_diff_threshold):
+            if cands[best][1] < 0 or (o.version_2_with_negative
+                                      and null[ex] - cands[best][0] > o.null_score_diff_threshold):
                 best = next(i for i, c in enumerate(cands) if c[1] < 0)
             score, s, e = cands[best]
-            results.append({"answer": host["contexts"][ex][s:e] if s >= 0 else "", "start": s, "end": e,
+            results.append({"answer": meta["contexts"][ex][s:e] if s >= 0 else "", "start": s, "end": e,
                             "score": float(probs[best])})
         return results
 
-    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        answers = self.best_answers(outputs)
-        return squad_scores([a["answer"] for a in answers], self._host[self._split]["golds"])
+    def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
+        answers = self.best_answers(outputs, meta)
+        out = squad_scores([a["answer"] for a in answers], meta["golds"])
+        out["num_examples"] = len(answers)  # questions, not windows
+        return out
 
-    def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict]:
-        return self.best_answers(outputs)
+    def predictions(self, outputs: dict[str, np.ndarray], meta: dict) -> list[dict]:
+        return self.best_answers(outputs, meta)

@@ -1,8 +1,8 @@
 """Sequence-to-sequence (summarization, translation, title generation): BART, Pegasus, T5 / mT5 and
 encoder-decoder pairs built from an encoder checkpoint (BERT2BERT).
 
-Sources are cut at ``model.max_length`` tokens (with ``data.source_prefix`` in front, e.g. T5's
-"summarize: "), targets at ``data.max_target_length`` and padded with -100 to their own bucket
+Sources are cut at ``model.max_length`` tokens (with ``task_options.source_prefix`` in front, e.g.
+T5's "summarize: "), targets at ``task_options.max_target_length`` and padded with -100 to their own bucket
 length (a ``LengthGroup``). Decoder inputs are the labels shifted right by the model's own
 ``shift_tokens_right``. With ``training.predict_with_generate`` the jitted eval step also decodes
 (greedy or beam search, settings in ``inference``) and evaluation reports ROUGE and sacreBLEU.
@@ -10,6 +10,7 @@ length (a ``LengthGroup``). Decoder inputs are the labels shifted right by the m
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from typing import Any
@@ -19,12 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import transformers
 
 from ftjax.data.batching import LengthGroup
 from ftjax.errors import FtjaxError
-from ftjax.models import compute_dtype, load_model, locate, model_config as load_config
-from ftjax.tasks.base import Task, register, require_columns
+from ftjax.models import compute_dtype, flax_transformers, load_model, locate, model_config as load_config
+from ftjax.tasks.base import Split, Task, register, require_columns
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -40,11 +40,13 @@ def decoder_inputs(model, labels: jax.Array) -> jax.Array:
     return shift(labels, pad, model.config.decoder_start_token_id)
 
 
-def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, number of tokens) over positions whose label is not -100."""
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, per_row: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of tokens) over positions whose label is not -100; per row
+    (``[batch]`` each) with ``per_row``."""
     mask = labels != -100
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(mask, labels, 0))
-    return (losses * mask).sum(), mask.sum().astype(jnp.float32)
+    axis = -1 if per_row else None
+    return (losses * mask).sum(axis), mask.sum(axis).astype(jnp.float32)
 
 
 def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -60,66 +62,71 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
     return out
 
 
+@dataclasses.dataclass
+class Seq2SeqOptions:
+    source_column: str = "source"
+    target_column: str = "target"
+    source_prefix: str = ""  # e.g. "summarize: " for T5
+    max_target_length: int = 128  # target tokens (labels are cut here)
+    target_bucket_lengths: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])
+
+
 @register
 class Seq2Seq(Task):
     name = "seq2seq"
     auto_class = "FlaxAutoModelForSeq2SeqLM"
+    Options = Seq2SeqOptions
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.tokenizer = None
-        self._references: dict[str, list[str]] = {}
-        self._split = "validation"
-
-    # ---- data ------------------------------------------------------------------------------
-    def setup(self, splits: datasets.DatasetDict) -> None:
-        d = self.config.data
-        for split, ds in splits.items():
-            require_columns(ds, split, [d.source_column, d.target_column])
-            bad = next((i for i, t in enumerate(ds[d.target_column]) if t is None or not str(t).strip()), None)
-            if bad is not None:
-                raise FtjaxError(f"{split} split, example {bad}: empty target (column '{d.target_column}')")
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.options.source_column]
 
     def length_groups(self) -> tuple:
-        d = self.config.data
-        return (LengthGroup(("labels",), d.max_target_length, tuple(d.target_bucket_lengths)),)
+        o = self.options
+        return (LengthGroup(("labels",), o.max_target_length, tuple(o.target_bucket_lengths)),)
 
-    def predict_columns(self) -> list[str]:
-        return [self.config.data.source_column]
-
+    # ---- host: data ------------------------------------------------------------------------
     def _encode(self, tokenizer, examples: dict, with_labels: bool) -> dict:
-        d = self.config.data
-        sources = [d.source_prefix + ("" if s is None else str(s)) for s in examples[d.source_column]]
-        enc = tokenizer(sources, truncation=True, max_length=self.config.model.max_length)
+        o = self.options
+        sources = [o.source_prefix + ("" if s is None else str(s)) for s in examples[o.source_column]]
+        enc = tokenizer(sources, truncation=True, max_length=self.max_length)
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if with_labels:
-            targets = [str(t) for t in examples[d.target_column]]
-            out["labels"] = tokenizer(text_target=targets, truncation=True, max_length=d.max_target_length)["input_ids"]
+            targets = [str(t) for t in examples[o.target_column]]
+            out["labels"] = tokenizer(text_target=targets, truncation=True, max_length=o.max_target_length)["input_ids"]
         return out
 
-    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
-        self.tokenizer = tokenizer
+    def check(self, splits: datasets.DatasetDict) -> None:
+        o = self.options
+        for split, ds in splits.items():
+            require_columns(ds, split, [o.source_column, o.target_column])
+            bad = next((i for i, t in enumerate(ds[o.target_column]) if t is None or not str(t).strip()), None)
+            if bad is not None:
+                raise FtjaxError(f"{split} split, example {bad}: empty target (column '{o.target_column}')")
+
+    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> dict[str, Split]:
+        o = self.options
         out = {}
         for split, ds in splits.items():
-            self._references[split] = [str(t) for t in ds[self.config.data.target_column]]
-            out[split] = ds.map(lambda ex: self._encode(tokenizer, ex, True), batched=True,
-                                remove_columns=ds.column_names, desc=f"tokenize {split}",
-                                num_proc=self.config.data.preprocessing_num_workers)
-        return datasets.DatasetDict(out)
+            references = [str(t) for t in ds[o.target_column]]
+            rows = ds.map(lambda ex: self._encode(tokenizer, ex, True), batched=True, remove_columns=ds.column_names,
+                          desc=f"tokenize {split}", num_proc=self.config.data.preprocessing_num_workers)
+            out[split] = Split(rows, {"references": references, "tokenizer": tokenizer})
+        return out
 
-    def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
-        self.tokenizer = tokenizer
+    def encode(self, records: list[dict], tokenizer) -> Split:
         ds = datasets.Dataset.from_list(records)
-        return ds.map(lambda ex: self._encode(tokenizer, ex, False), batched=True, remove_columns=ds.column_names)
+        rows = ds.map(lambda ex: self._encode(tokenizer, ex, False), batched=True, remove_columns=ds.column_names)
+        return Split(rows, {"tokenizer": tokenizer})
 
     # ---- model -----------------------------------------------------------------------------
     def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
         """A seq2seq checkpoint as is; an encoder-only one (BERT, RoBERTa...) as a BERT2BERT-style
         ``FlaxEncoderDecoderModel`` whose decoder starts from the same weights (cross-attention new)."""
-        self.tokenizer = tokenizer
         name, from_pt = locate(model_config.name_or_path)
         if load_config(model_config).is_encoder_decoder:
             return load_model(self.auto_class, model_config, bf16, **kwargs)
+        transformers = flax_transformers()
         level = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the new cross-attention weights are expected
         try:
@@ -138,16 +145,19 @@ class Seq2Seq(Task):
         model.config.vocab_size = model.config.decoder.vocab_size
         return model
 
-    def forward(self, model, params, batch: dict, rng, train: bool):
+    # ---- device ----------------------------------------------------------------------------
+    @staticmethod
+    def _logits(model, params, batch, rng, train):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      decoder_input_ids=decoder_inputs(model, batch["labels"]),
-                     params=params, dropout_rng=rng, train=train).logits
+                     params=params, dropout_rng=rng if train else None, train=train).logits
 
-    def loss(self, logits, batch: dict):
-        return token_cross_entropy(logits, batch["labels"])
+    def loss(self, model, params, batch, rng, train):
+        return token_cross_entropy(self._logits(model, params, batch, rng, train), batch["labels"])
 
-    def generate(self, model, params, batch: dict) -> jax.Array:
+    def generate_ids(self, model, params, batch: dict) -> jax.Array:
         """``[batch, max_new_tokens + 1]`` token ids (decoder start first), traced inside jit."""
+        flax_transformers()  # the no-repeat-n-gram shim, for models built by hand too
         inf = self.config.inference
         special = {k: next((v for v in (getattr(model.generation_config, k, None), getattr(model.config, k, None))
                             if v is not None), None)
@@ -157,31 +167,29 @@ class Seq2Seq(Task):
             max_new_tokens=inf.max_new_tokens, num_beams=inf.num_beams, length_penalty=inf.length_penalty,
             no_repeat_ngram_size=inf.no_repeat_ngram_size or None, do_sample=False, **special).sequences
 
-    def eval_outputs(self, model, params, batch: dict) -> dict[str, jax.Array]:
+    def outputs(self, model, params, batch):
         out = {"index": batch["index"], "weight": batch["weight"]}
         if "labels" in batch:
-            logits = self.forward(model, params, batch, None, train=False)
-            out["_loss_sum"], out["_weight"] = self.loss(logits, batch)
+            scores = self._logits(model, params, batch, None, False)
+            out["loss_sum"], out["loss_weight"] = token_cross_entropy(scores, batch["labels"], per_row=True)
         if "labels" not in batch or self.config.training.predict_with_generate:
-            out["generated"] = self.generate(model, params, batch)
+            out["generated"] = self.generate_ids(model, params, batch)
         return out
 
-    # ---- host side -------------------------------------------------------------------------
-    def begin_eval(self, split: str) -> None:
-        self._split = split
+    # ---- host: scores ----------------------------------------------------------------------
+    @staticmethod
+    def decode(tokenizer, token_ids: np.ndarray) -> list[str]:
+        return [t.strip() for t in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
-    def decode(self, token_ids: np.ndarray) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
-
-    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
         if "generated" not in outputs:
             return {}
-        predictions = self.decode(outputs["generated"])
-        references = [self._references[self._split][i] for i in outputs["index"]]
-        out = generation_metrics(predictions, references)
-        special = set(self.tokenizer.all_special_ids)
+        tokenizer = meta["tokenizer"]
+        predictions = self.decode(tokenizer, outputs["generated"])
+        out = generation_metrics(predictions, [meta["references"][i] for i in outputs["index"]])
+        special = set(tokenizer.all_special_ids)
         out["gen_len"] = float(np.mean([sum(t not in special for t in row) for row in outputs["generated"].tolist()]))
         return out
 
-    def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict]:
-        return [{"generated_text": t} for t in self.decode(outputs["generated"])]
+    def predictions(self, outputs: dict[str, np.ndarray], meta: dict) -> list[dict]:
+        return [{"generated_text": t} for t in self.decode(meta["tokenizer"], outputs["generated"])]

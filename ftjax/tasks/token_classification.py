@@ -1,7 +1,7 @@
 """Token classification (NER, POS, chunking): word tags on subwords, seqeval metrics, entity groups.
 
 Words are tagged, models see subwords: ``align_labels`` puts each word's tag on its first subword
-(or, with ``data.label_all_tokens``, on every subword, B- turned into I- after the first) and -100
+(or, with ``task_options.label_all_tokens``, on every subword, B- turned into I- after the first) and -100
 on special tokens and the rest, from the fast tokenizer's ``word_ids``. Metrics are computed on
 word-level tags (the first subword's prediction). ``ftjax predict`` returns entity groups with the
 transformers token-classification pipeline's aggregation strategies and its own post-processing
@@ -10,14 +10,14 @@ code, over overlapping windows so long texts lose no word.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
 from collections import defaultdict
 from itertools import chain
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import datasets
 import jax
@@ -28,12 +28,10 @@ import optax
 from ftjax import metrics as M
 from ftjax.data.conll import BIO_PREFIXES, sort_tags
 from ftjax.errors import FtjaxError
-from ftjax.tasks.base import MODEL_INPUTS, Task, register, require_columns
+from ftjax.tasks.base import MODEL_INPUTS, Split, Task, model_output, register, require_columns
 
 log = logging.getLogger(__name__)
 
-AGGREGATION_STRATEGIES = ("none", "simple", "first", "max", "average")
-SEQEVAL_SCHEMES = ("IOB1", "IOB2", "IOE1", "IOE2", "IOBES", "BILOU")
 WORST_SENTENCES = 25  # sentences shown in the error analysis
 
 
@@ -175,6 +173,8 @@ def entity_report(y_true: list[list[str]], y_pred: list[list[str]], scheme: Opti
 def _pipeline_postprocess(tokenizer, id2label: dict[int, str]):
     """The token-classification pipeline's gather / aggregate / overlap-merge methods without its
     PyTorch model (they use only the tokenizer and ``model.config.id2label``)."""
+    from ftjax.models import flax_transformers
+    flax_transformers()  # torch kept out before the pipelines module is first imported
     from transformers.pipelines.token_classification import TokenClassificationPipeline
 
     class Postprocess(TokenClassificationPipeline):
@@ -207,28 +207,27 @@ def group_entities(postprocess, text: str, windows: list[dict], strategy: str) -
     return [_plain(e) for e in entities]
 
 
+@dataclasses.dataclass
+class TokenClassificationOptions:
+    label_all_tokens: bool = False  # label every subword (B- -> I- on continuations), not only the first
+    # None: conlleval-style lenient scoring; a scheme: seqeval's strict mode with that scheme.
+    seqeval_scheme: Optional[Literal["IOB1", "IOB2", "IOE1", "IOE2", "IOBES", "BILOU"]] = None
+    # predict: entity grouping, with the transformers token-classification pipeline's meanings.
+    aggregation_strategy: Literal["none", "simple", "first", "max", "average"] = "simple"
+    stride: int = 32  # predict: tokens shared by consecutive windows of a text longer than max_length
+
+
 @register
 class TokenClassification(Task):
     name = "token_classification"
     long_inputs = "windowed"  # overlapping windows: no input token is dropped
     auto_class = "FlaxAutoModelForTokenClassification"
     empty_prediction: Any = ()  # no entities
+    Options = TokenClassificationOptions
 
-    def __init__(self, config):
-        super().__init__(config)
-        d = config.data
-        if d.aggregation_strategy not in AGGREGATION_STRATEGIES:
-            raise FtjaxError(f"data.aggregation_strategy must be one of {' / '.join(AGGREGATION_STRATEGIES)}, "
-                             f"got {d.aggregation_strategy!r}")
-        if d.seqeval_scheme is not None and d.seqeval_scheme not in SEQEVAL_SCHEMES:
-            raise FtjaxError(f"data.seqeval_scheme must be null or one of {' / '.join(SEQEVAL_SCHEMES)}, "
-                             f"got {d.seqeval_scheme!r}")
-        self.label_names: list[str] = []
-        self.alignment: dict[str, dict] = {}  # split -> word / truncation counts
-        self._sentences: dict[str, tuple[list, list]] = {}  # split -> (words, source lines), for reports
-        self._predict: Optional[dict] = None
+    label_names: list[str] = []  # from the train split (or data.label_names), or the model
 
-    # ---- data ----------------------------------------------------------------------------------
+    # ---- host: data ----------------------------------------------------------------------------
     def _source(self, split: str) -> Optional[str]:
         d = self.config.data
         return d.train_file if d.split_rule == "mod10" else getattr(d, f"{split}_file", None)
@@ -239,25 +238,16 @@ class TokenClassification(Task):
             return f"{self._source(split)}:{ds[i]['line']}"
         return f"{split} split, example {i}"
 
-    def setup(self, splits: datasets.DatasetDict) -> None:
+    def _label_names_from(self, train: datasets.Dataset) -> list[str]:
         d = self.config.data
-        for split, ds in splits.items():
-            require_columns(ds, split, [d.tokens_column, d.tags_column])
-        train = splits["train"]
         inner = getattr(train.features[d.tags_column], "feature", None)
         if isinstance(inner, datasets.ClassLabel):
-            names = list(inner.names)
-        elif d.label_names:
-            names = [str(n) for n in d.label_names]
-        elif getattr(inner, "dtype", None) == "string":
-            names = sort_tags(chain.from_iterable(train[d.tags_column]))
-        else:
-            raise FtjaxError(f"train split: column '{d.tags_column}' holds tag ids without names; "
-                             "set data.label_names")
-        self.label_names = names
-        seen_in_train = self._check_split("train", train, None)
-        for split in [s for s in splits if s != "train"]:
-            self._check_split(split, splits[split], seen_in_train)
+            return list(inner.names)
+        if d.label_names:
+            return [str(n) for n in d.label_names]
+        if getattr(inner, "dtype", None) == "string":
+            return sort_tags(chain.from_iterable(train[d.tags_column]))
+        raise FtjaxError(f"train split: column '{d.tags_column}' holds tag ids without names; set data.label_names")
 
     def _check_split(self, split: str, ds: datasets.Dataset, seen_in_train: Optional[set]) -> set:
         """Tokens and tags of equal length; every tag known (and, for CoNLL files whose label set
@@ -284,7 +274,17 @@ class TokenClassification(Task):
                 used.add(tag_id)
         return used
 
-    def setup_from_model(self, model_config) -> None:
+    def check(self, splits: datasets.DatasetDict) -> None:
+        """Columns, label set (from the train split) and every split's tags; FtjaxError on bad input."""
+        d = self.config.data
+        for split, ds in splits.items():
+            require_columns(ds, split, [d.tokens_column, d.tags_column])
+        self.label_names = self._label_names_from(splits["train"])
+        seen_in_train = self._check_split("train", splits["train"], None)
+        for split in [s for s in splits if s != "train"]:
+            self._check_split(split, splits[split], seen_in_train)
+
+    def labels_from_model(self, model_config) -> None:
         self.label_names = [model_config.id2label[i] for i in range(model_config.num_labels)]
 
     def model_kwargs(self) -> dict:
@@ -297,25 +297,26 @@ class TokenClassification(Task):
                              "fast one (word_ids and character offsets)")
         return with_prefix_space(tokenizer)
 
-    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
+    def prepare(self, splits: datasets.DatasetDict, tokenizer) -> dict[str, Split]:
+        """Sentences as rows; meta: their words, CoNLL lines and alignment counts (for reports)."""
         d = self.config.data
         b_to_i = b_to_i_map(self.label_names)
         index = {n: i for i, n in enumerate(self.label_names)}
 
         def encode(batch):
             tags = [[t if isinstance(t, int) else index[str(t)] for t in s] for s in batch[d.tags_column]]
-            return encode_words(tokenizer, batch[d.tokens_column], tags, self.config.model.max_length,
-                                d.label_all_tokens, b_to_i)
+            return encode_words(tokenizer, batch[d.tokens_column], tags, self.max_length,
+                                self.options.label_all_tokens, b_to_i)
 
         out = {}
         for split, ds in splits.items():
-            self._sentences[split] = (list(ds[d.tokens_column]),
-                                      list(ds["line"]) if "line" in ds.column_names else None)
             enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {split}",
                          num_proc=d.preprocessing_num_workers)
-            self.alignment[split] = self._alignment_stats(split, enc)
-            out[split] = enc.remove_columns(["empty_words"])
-        return datasets.DatasetDict(out)
+            meta = {"words": list(ds[d.tokens_column]), "source": self._source(split),
+                    "lines": list(ds["line"]) if "line" in ds.column_names else None,
+                    "alignment": self._alignment_stats(split, enc)}
+            out[split] = Split(enc.remove_columns(["empty_words"]), meta)
+        return out
 
     def _alignment_stats(self, split: str, enc: datasets.Dataset) -> dict:
         words = np.asarray(list(enc["num_words"]))
@@ -326,37 +327,59 @@ class TokenClassification(Task):
         if stats["truncated_words"]:
             log.warning("%s split: %d words in %d sentences lost to truncation at model.max_length=%d "
                         "(not trained on, not scored)", split, stats["truncated_words"],
-                        stats["truncated_sentences"], self.config.model.max_length)
+                        stats["truncated_sentences"], self.max_length)
         if stats["empty_words"]:
             log.warning("%s split: %d words produce no token; they are fed as the unknown token",
                         split, stats["empty_words"])
         return stats
 
-    # ---- device side ---------------------------------------------------------------------------
-    def loss(self, logits, batch):
+    def encode(self, records: list[dict], tokenizer) -> Split:
+        """Raw texts in overlapping windows of ``model.max_length`` tokens (``stride`` shared, at most
+        half a window); meta: what the pipeline's post-processing needs per window."""
+        max_length = self.max_length
+        stride = min(self.options.stride, (max_length - tokenizer.num_special_tokens_to_add()) // 2)
+        column = self.config.data.text_column
+        texts = ["" if r.get(column) is None else str(r[column]) for r in records]
+        enc = tokenizer(texts, truncation=True, max_length=max_length, stride=stride,
+                        return_overflowing_tokens=True, return_offsets_mapping=True,
+                        return_special_tokens_mask=True)
+        meta = {"texts": texts, "tokenizer": tokenizer, "record": enc["overflow_to_sample_mapping"],
+                "input_ids": enc["input_ids"], "offsets": enc["offset_mapping"], "special": enc["special_tokens_mask"]}
+        return Split(datasets.Dataset.from_dict({k: enc[k] for k in MODEL_INPUTS if k in enc}), meta)
+
+    # ---- device --------------------------------------------------------------------------------
+    @staticmethod
+    def _token_loss(scores, batch):
+        """Per-token cross-entropy and the tokens that count (a label, in a real row), ``[B, T]``."""
         labels = batch["labels"]
         counted = (labels >= 0) & (batch["weight"][:, None] > 0)
-        per_token = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), jnp.where(counted, labels, 0))
-        return (per_token * counted).sum(), counted.sum().astype(jnp.float32)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(scores, jnp.where(counted, labels, 0))
+        return per_token * counted, counted.astype(jnp.float32)
 
-    def outputs(self, logits, batch):
-        """Per-token arrays padded to ``model.max_length`` so batches of every bucket concatenate."""
-        logits = logits.astype(jnp.float32)
-        pad = self.config.model.max_length - logits.shape[1]
+    def loss(self, model, params, batch, rng, train):
+        per_token, counted = self._token_loss(model_output(model, params, batch, rng, train).logits.astype(jnp.float32),
+                                              batch)
+        return per_token.sum(), counted.sum()
+
+    def outputs(self, model, params, batch):
+        """Per-token arrays padded to ``max_length`` so batches of every bucket concatenate."""
+        scores = model_output(model, params, batch, None, False).logits.astype(jnp.float32)
+        pad = self.max_length - scores.shape[1]
 
         def wide(x, value):
             return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
         out = {"index": batch["index"], "weight": batch["weight"]}
         if "labels" in batch:
-            out.update(prediction=wide(logits.argmax(-1), -100), labels=wide(batch["labels"], -100),
-                       word_start=wide(batch["word_start"], 0), num_words=batch["num_words"])
+            per_token, counted = self._token_loss(scores, batch)
+            out.update(prediction=wide(scores.argmax(-1), -100), labels=wide(batch["labels"], -100),
+                       word_start=wide(batch["word_start"], 0), num_words=batch["num_words"],
+                       loss_sum=per_token.sum(-1), loss_weight=counted.sum(-1))
         else:
-            out["probs"] = wide(jax.nn.softmax(logits, axis=-1), 0.0)
+            out["probs"] = wide(jax.nn.softmax(scores, axis=-1), 0.0)
         return out
 
-    # ---- host side -----------------------------------------------------------------------------
+    # ---- host: scores --------------------------------------------------------------------------
     def word_tags(self, outputs: dict[str, np.ndarray]) -> tuple[list[list[str]], list[list[str]]]:
         """(gold, predicted) tag names per sentence, one per word the model saw (first subword)."""
         names = self.label_names
@@ -367,10 +390,10 @@ class TokenClassification(Task):
             pred.append([names[i] for i in prediction[first]])
         return gold, pred
 
-    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
         gold, pred = self.word_tags(outputs)
         if is_bio(self.label_names):
-            out = entity_metrics(gold, pred, self.config.data.seqeval_scheme)
+            out = entity_metrics(gold, pred, self.options.seqeval_scheme)
         else:  # POS-style tags: tag-level scores
             index = {n: i for i, n in enumerate(self.label_names)}
             out = M.classification_metrics([index[t] for t in chain(*pred)], [index[t] for t in chain(*gold)],
@@ -378,13 +401,12 @@ class TokenClassification(Task):
         out["truncated_words"] = int(outputs["num_words"].sum() - outputs["word_start"].sum())
         return out
 
-    def write_reports(self, outputs: dict[str, np.ndarray], split: str, output_dir) -> None:
+    def reports(self, outputs: dict[str, np.ndarray], meta: dict, split: str) -> dict[str, str]:
         """``error_analysis_<split>.txt``: the per-entity report, then the sentences with the most
         word errors, tokens / gold / predicted side by side."""
         gold, pred = self.word_tags(outputs)
-        words, lines = self._sentences.get(split, ([], None))
-        count, rank = jax.process_count(), jax.process_index()
-        scheme = self.config.data.seqeval_scheme
+        words, lines = meta.get("words", []), meta.get("lines")
+        scheme = self.options.seqeval_scheme
         parts = [f"Error analysis: {split} split, {len(gold)} sentences, "
                  f"{sum(map(len, gold))} words scored, "
                  f"{int(outputs['num_words'].sum() - outputs['word_start'].sum())} lost to truncation\n",
@@ -392,47 +414,28 @@ class TokenClassification(Task):
         errors = [sum(g != p for g, p in zip(gs, ps)) for gs, ps in zip(gold, pred)]
         worst = [i for i in np.argsort(-np.asarray(errors), kind="stable")[:WORST_SENTENCES] if errors[i]]
         parts.append(f"\nSentences with the most word errors ({len(worst)} shown)\n")
+        tag_width = max(len(n) for n in self.label_names) + 2
         for i in worst:
-            example = int(outputs["index"][i])
-            row = example // count if example % count == rank else None
-            tokens = words[row] if row is not None and row < len(words) else [f"#{k}" for k in range(len(gold[i]))]
-            where = f", {self._source(split)}:{lines[row]}" if lines is not None and row is not None else ""
-            parts.append(f"\nexample {example}{where}: {errors[i]} of {len(gold[i])} words wrong\n")
+            row = int(outputs["index"][i])
+            tokens = words[row] if row < len(words) else [f"#{k}" for k in range(len(gold[i]))]
+            where = f", {meta['source']}:{lines[row]}" if lines is not None else ""
+            parts.append(f"\nexample {row}{where}: {errors[i]} of {len(gold[i])} words wrong\n")
             width = max([len(t) for t in tokens[:len(gold[i])]] + [5]) + 2
-            tag_width = max(len(n) for n in self.label_names) + 2
             parts.append(f"{'token':<{width}}{'gold':<{tag_width}}predicted\n")
             for t, g, p in zip(tokens, gold[i], pred[i]):
                 parts.append(f"{t:<{width}}{g:<{tag_width}}{p}{'   <<' if g != p else ''}\n")
-        path = Path(output_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / f"error_analysis_{split}.txt").write_text("".join(parts), encoding="utf-8")
+        return {f"error_analysis_{split}.txt": "".join(parts)}
 
-    # ---- predict -------------------------------------------------------------------------------
-    def predict_inputs(self, records: list[dict], tokenizer) -> datasets.Dataset:
-        """Raw texts in overlapping windows of ``model.max_length`` tokens (``data.stride`` shared, at most
-        half a window)."""
-        d, max_length = self.config.data, self.config.model.max_length
-        stride = min(d.stride, (max_length - tokenizer.num_special_tokens_to_add()) // 2)  # <= half a window
-        texts = ["" if r.get(d.text_column) is None else str(r[d.text_column]) for r in records]
-        enc = tokenizer(texts, truncation=True, max_length=max_length, stride=stride,
-                        return_overflowing_tokens=True, return_offsets_mapping=True,
-                        return_special_tokens_mask=True)
-        self._predict = {"texts": texts, "tokenizer": tokenizer, "record": enc["overflow_to_sample_mapping"],
-                         "input_ids": enc["input_ids"], "offsets": enc["offset_mapping"],
-                         "special": enc["special_tokens_mask"]}
-        return datasets.Dataset.from_dict({k: enc[k] for k in MODEL_INPUTS if k in enc})
-
-    def predictions(self, outputs: dict[str, np.ndarray]) -> list[list[dict]]:
+    def predictions(self, outputs: dict[str, np.ndarray], meta: dict) -> list[list[dict]]:
         """Entities of each record: ``entity_group`` (or ``entity`` for strategy none), ``word``,
         ``start`` / ``end`` character offsets, ``score``."""
-        meta = self._predict
         postprocess = _pipeline_postprocess(meta["tokenizer"], dict(enumerate(self.label_names)))
         windows = defaultdict(list)
         for row, probs in zip(outputs["index"], outputs["probs"]):
             n = len(meta["input_ids"][row])
             windows[meta["record"][row]].append({"input_ids": meta["input_ids"][row], "probs": probs[:n],
                                                  "offsets": meta["offsets"][row], "special": meta["special"][row]})
-        strategy = self.config.data.aggregation_strategy
+        strategy = self.options.aggregation_strategy
         return [group_entities(postprocess, text, windows[i], strategy) if text.strip() else []
                 for i, text in enumerate(meta["texts"])]
 
