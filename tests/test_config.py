@@ -17,6 +17,7 @@ CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
 def test_every_config_parses(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config) and cfg.task
+    get_task(cfg)  # its task_options too
 
 
 def test_overrides_are_typed():
