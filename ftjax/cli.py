@@ -1,10 +1,12 @@
-"""``ftjax train|eval|predict CONFIG.yaml [key=value ...]``: a thin layer over ``ftjax.trainer``."""
+"""``ftjax train|eval|predict|plan CONFIG.yaml [key=value ...]``: a thin layer over ``ftjax.trainer``
+(and ``ftjax.plan``)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -63,6 +65,17 @@ def cmd_train(cfg) -> dict:
     return Trainer(cfg).train()
 
 
+def cmd_plan(cfg, device_memory: str | None, json_path: str | None) -> dict:
+    """Prints the plan's table; writes it as JSON when asked; fails (exit 2) when it does not fit."""
+    from ftjax import plan
+    result = plan.plan(cfg, plan.parse_bytes(device_memory) if device_memory else None)
+    print(plan.table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    plan.check_fits(result)
+    return {"plan": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
+
+
 def _trained_model(cfg, model: str | None) -> str:
     export = Path(cfg.training.output_dir) / "export"
     return model or (str(export) if export.is_dir() else cfg.model.name_or_path)
@@ -118,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "predict":
             p.add_argument("--input", required=True, help=".txt (one text a line), .csv or .jsonl")
             p.add_argument("--output", help="JSONL output (default: OUTPUT_DIR/predictions.jsonl)")
+    plan = sub.add_parser("plan", help="memory and FLOPs of one train step, compiled from shapes (no weights read)")
+    plan.add_argument("config", help="YAML config (see configs/)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=8")
+    plan.add_argument("--device-memory", help="e.g. 16GiB or 80GB: exit 2 when the step does not fit")
+    plan.add_argument("--json", help="also write the plan to this JSON file")
     tok = sub.add_parser("train-tokenizer", help="train a WordPiece or byte-level BPE tokenizer on text files")
     tok.add_argument("files", nargs="+", help="text files (.txt / .cor one text a line, csv, jsonl, .xml.bz2)")
     tok.add_argument("--output", required=True, help="folder for the Hugging Face tokenizer files")
@@ -128,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="default: on for wordpiece, off for bpe")
     tok.add_argument("--text-column", default="text")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("ftjax").setLevel(logging.INFO)  # ftjax's own notes (packing, cache reuse) on stderr
     from ftjax.runtime import configure_process
     configure_process()
     try:
@@ -143,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.maybe_initialize()
         if args.command == "train":
             result = cmd_train(cfg)
+        elif args.command == "plan":
+            result = cmd_plan(cfg, args.device_memory, args.json)
         elif args.command == "eval":
             result = cmd_eval(cfg, args.model)
         else:

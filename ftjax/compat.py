@@ -17,6 +17,10 @@ has 0.11.2):
    installed, ``import transformers.pipelines`` fails (``trainer_pt_utils`` subclasses torch's
    ``LRScheduler`` because ``is_accelerate_available()`` is true). accelerate cannot run without
    torch, so transformers is told it is unavailable while torch is disabled.
+5. ``from_pretrained(..., from_pt=True, _do_init=False)`` (PyTorch safetensors into a model built
+   without weights, what ``ftjax.models.load_model`` does) fails: the PyTorch->Flax converter reads
+   ``model.params`` only for the parameter names and shapes, which a ``_do_init=False`` model does
+   not have. The converter is given the model's ``params_shape_tree`` instead.
 
 Nothing happens at import: ``install()`` applies the shims, at once to modules already imported and
 to the others when they are imported (an import hook). Code that builds a transformers Flax model
@@ -97,8 +101,35 @@ def llama_rotary_setup(self) -> None:
     self.sincos = jnp.array(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
 
 
+class _ShapesOnly:
+    """A ``_do_init=False`` model as transformers' PyTorch->Flax converter uses it: parameter names
+    and shapes (``params``: the model's shape tree) and ``base_model_prefix``."""
+
+    def __init__(self, model):
+        from flax.core import unfreeze
+        self.params = unfreeze(model.params_shape_tree)
+        self.base_model_prefix = model.base_model_prefix
+
+
+def pt_loader_without_init(load):
+    """Wraps ``load_pytorch_checkpoint_in_flax_state_dict`` so a model without weights can be loaded."""
+    if getattr(load, "ftjax_shim", False):
+        return load
+
+    def wrapped(flax_model, *args, **kwargs):
+        if not getattr(flax_model, "_is_initialized", True):
+            flax_model = _ShapesOnly(flax_model)
+        return load(flax_model, *args, **kwargs)
+
+    wrapped.ftjax_shim = True
+    return wrapped
+
+
 def _patch(module) -> None:
-    if module.__name__ == IMPORT_UTILS_MODULE:
+    if module.__name__ == FLAX_UTILS_MODULE:
+        module.load_pytorch_checkpoint_in_flax_state_dict = pt_loader_without_init(
+            module.load_pytorch_checkpoint_in_flax_state_dict)
+    elif module.__name__ == IMPORT_UTILS_MODULE:
         if not module.is_torch_available():
             module._accelerate_available = False
     elif module.__name__ == LLAMA_MODULE:
@@ -135,7 +166,8 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 _FINDER = _PatchAfterImport()
 LLAMA_MODULE = "transformers.models.llama.modeling_flax_llama"
 IMPORT_UTILS_MODULE = "transformers.utils.import_utils"
-PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, LLAMA_MODULE, IMPORT_UTILS_MODULE)
+FLAX_UTILS_MODULE = "transformers.modeling_flax_utils"
+PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, LLAMA_MODULE, IMPORT_UTILS_MODULE, FLAX_UTILS_MODULE)
 
 
 def flax_transformers():

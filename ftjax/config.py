@@ -31,6 +31,7 @@ from ftjax.errors import FtjaxError
 
 Strategy = Literal["no", "steps", "epoch"]
 MeshAxis = Literal["data", "fsdp", "tensor"]
+RematPolicy = Literal["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable"]
 
 
 @dataclasses.dataclass
@@ -71,7 +72,10 @@ class DataConfig:
     group_by_length: bool = True  # sort by length inside shuffled windows of batches
     length_window_batches: int = 32
     shuffle: bool = True
-    preprocessing_num_workers: Optional[int] = None
+    preprocessing_num_workers: Optional[int] = None  # processes for tokenization (datasets.map num_proc)
+    # Tokenized / packed splits are cached here as Arrow files (default ~/.cache/ftjax/datasets) and
+    # reused by a run with the same data, tokenizer and settings.
+    cache_dir: Optional[str] = None
     # Word-tagged data (task: ner / token_classification): CoNLL files or token / tag columns.
     format: Literal["auto", "conll"] = "auto"  # auto: by file suffix (.conll is CoNLL); conll: `token ... TAG` lines
     tokens_column: str = "tokens"
@@ -112,6 +116,11 @@ class TrainingConfig:
     seed: int = 42
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     bf16: bool = False
+    # Recompute each transformer layer's activations in the backward pass: less memory for about
+    # one more forward pass. remat_policy: what a layer may keep (jax.checkpoint_policies.<name>);
+    # null keeps nothing, and uses transformers' own switch where the Flax class has one.
+    gradient_checkpointing: bool = False
+    remat_policy: Optional[RematPolicy] = None
     dropout: bool = True  # train-mode dropout (turn off for exact equivalence tests)
     # [] turns both off; a single name is read as a one-item list.
     report_to: list[Literal["jsonl", "tensorboard"]] = dataclasses.field(
@@ -119,6 +128,11 @@ class TrainingConfig:
     disable_tqdm: bool = False
     export_pytorch: bool = True  # also write PyTorch safetensors into OUTPUT_DIR/export (needs torch)
     predict_with_generate: bool = False  # seq2seq eval: generate (settings in `inference`) for ROUGE/BLEU
+
+    def __post_init__(self):
+        if self.remat_policy is not None and not self.gradient_checkpointing:
+            raise FtjaxError("training.remat_policy applies to gradient checkpointing: set "
+                             "training.gradient_checkpointing=true too")
 
 
 @dataclasses.dataclass

@@ -10,16 +10,29 @@ This is where ftjax imports ``transformers``, and so where two process-wide choi
   installed by the functions here that build or configure a model (``load_model``,
   ``model_config``), not at import. Code elsewhere that builds a transformers Flax model itself
   gets the module from ``flax_transformers()`` (``ftjax.compat``, re-exported here).
+
+It is also the one place that uses transformers' loading API, so that a model larger than one
+device loads: ``load_model`` builds the model without weights (``_do_init=False``) and reads the
+checkpoint into host memory; ``place_params`` then puts every parameter straight onto its shards
+(missing ones, such as a new head, initialised there); ``attach_params`` hands them to the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import logging
 from pathlib import Path
+from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.core import unfreeze
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from ftjax import compat
+from ftjax import compat, remat
 from ftjax.compat import flax_transformers  # noqa: F401  (re-exported)
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
@@ -111,26 +124,128 @@ def model_config(cfg: ModelConfig, **overrides):
     return conf
 
 
-def load_model(auto_class: str, cfg: ModelConfig, bf16: bool = False, **model_kwargs):
-    """The Flax model with its parameters (``model.params``, float32 master weights); randomly
-    initialised from ``model_config`` when ``cfg.from_scratch``."""
+def host_device():
+    """The host (CPU) device checkpoints are read into, so that no accelerator ever holds a whole
+    copy of the weights; None (jax's default device) when this jax has no CPU backend."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
+
+
+# transformers 4.57 composite classes that cannot be built without weights (``_do_init=False``): they are
+# built whole, on the host device, and their weights handed over like a checkpoint's.
+BUILT_WHOLE = ("encoder-decoder", "vision-encoder-decoder", "speech-encoder-decoder", "vision-text-dual-encoder")
+
+
+def load_model(auto_class: str, cfg: ModelConfig, bf16: bool = False, read_weights: bool = True, **model_kwargs):
+    """``(model, weights)``: the Flax model built without weights (``_do_init=False``: nothing is
+    initialised and no device holds anything) and the checkpoint's parameters as host arrays, a
+    nested dict that lacks the leaves the checkpoint does not have (a new task head); ``weights`` is
+    None when ``cfg.from_scratch``, or when ``read_weights`` is False (``ftjax plan``: the model's
+    shapes only; ``BUILT_WHOLE`` classes still read theirs). ``place_params`` puts them on the mesh."""
     compat.install()
-    if cfg.from_scratch:
-        seed = model_kwargs.pop("seed", 0)
-        conf = model_config(cfg, **model_kwargs)
-        return getattr(transformers, auto_class).from_config(conf, seed=seed, dtype=compute_dtype(cfg, bf16))
-    name, from_pt = locate(cfg.name_or_path)
+    seed = model_kwargs.pop("seed", 0)
+    cls = getattr(transformers, auto_class)
+    name, from_pt = (cfg.name_or_path, False) if cfg.from_scratch else locate(cfg.name_or_path)
+    conf = model_config(dataclasses.replace(cfg, name_or_path=name), **model_kwargs)
+    whole = conf.model_type in BUILT_WHOLE
+    if cfg.from_scratch or not (read_weights or whole):
+        return cls.from_config(conf, seed=seed, dtype=compute_dtype(cfg, bf16), _do_init=False), None
     head = auto_class.replace("FlaxAutoModel", "")
     check_head(name, cfg, head, model_kwargs.get("num_labels"))
-    cls = getattr(transformers, auto_class)
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "newly initialized head" notices are expected
     try:
-        return cls.from_pretrained(name, from_pt=from_pt, dtype=compute_dtype(cfg, bf16),
-                                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                   **model_kwargs)
+        with _quiet(), jax.default_device(host_device()):
+            loaded = cls.from_pretrained(name, from_pt=from_pt, dtype=compute_dtype(cfg, bf16), revision=cfg.revision,
+                                         trust_remote_code=cfg.trust_remote_code, seed=seed, _do_init=whole,
+                                         **model_kwargs)
     except (OSError, ValueError) as e:
         raise FtjaxError(f"cannot load model from '{name}': {str(e).splitlines()[0]}") from None
+    return detach_params(loaded) if whole else loaded
+
+
+def load_encoder_decoder(name: str, from_pt: bool, cfg: ModelConfig, bf16: bool = False):
+    """``(model, weights)`` of a BERT2BERT-style ``FlaxEncoderDecoderModel`` whose encoder and decoder
+    both start from ``name`` (cross-attention new), built whole on the host device (``BUILT_WHOLE``)."""
+    compat.install()
+    with _quiet(), jax.default_device(host_device()):
+        return detach_params(transformers.FlaxEncoderDecoderModel.from_encoder_decoder_pretrained(
+            name, name, encoder_from_pt=from_pt, decoder_from_pt=from_pt, dtype=compute_dtype(cfg, bf16)))
+
+
+def detach_params(model) -> tuple:
+    """``(model, weights)`` of a model built with its weights: the model keeps none."""
+    weights, model._params = model.params, None
+    return model, weights
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' "newly initialized" / "missing keys" notices are expected when loading a base
+    checkpoint into a model with a head (the head is initialised by ``place_params``)."""
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
     finally:
         transformers.logging.set_verbosity(level)
         logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def abstract_params(model) -> dict:
+    """Shapes and dtypes of every parameter (``ShapeDtypeStruct``s, float32 master weights), from
+    ``jax.eval_shape`` of the model's initialiser: no weights read, nothing allocated."""
+    return unfreeze(model.params_shape_tree)
+
+
+def place_params(model, weights: Optional[dict], shardings) -> dict:
+    """The model's parameters, each leaf created directly in its target sharding.
+
+    Checkpoint leaves (``weights``, host arrays) are cast to the parameter dtype and sent one by one
+    with ``jax.device_put``; the leaves they lack (all of them from scratch, a new head otherwise)
+    come from the model's own initialiser jitted with ``out_shardings``, which computes only those
+    leaves (XLA drops the rest) with the same random values a full init with ``model.key`` gives.
+    So no random init of loaded weights happens and no device holds more than its shards.
+
+    Args:
+      model: a transformers Flax model (``load_model``'s).
+      weights: nested dict of host arrays, or None.
+      shardings: a ``NamedSharding`` per parameter, nested like ``abstract_params(model)``.
+    """
+    shapes, targets = flatten_dict(abstract_params(model)), flatten_dict(shardings)
+    loaded = flatten_dict(weights or {})
+    missing = [k for k in shapes if k not in loaded]
+    out = {}
+    if missing:
+        def init_missing(rng):
+            full = flatten_dict(unfreeze(model.init_weights(rng, model.input_shape)))
+            return {"/".join(k): full[k] for k in missing}
+
+        fresh = jax.jit(init_missing, out_shardings={"/".join(k): targets[k] for k in missing})(model.key)
+        out.update({k: fresh["/".join(k)] for k in missing})
+    for k, leaf in loaded.items():
+        out[k] = jax.device_put(np.asarray(leaf, shapes[k].dtype), targets[k])
+    return unflatten_dict(out)
+
+
+def attach_params(model, params) -> None:
+    """Makes ``params`` the model's own ``model.params`` (read by evaluation, predict and
+    ``lm_inference``). A model built with ``_do_init=False`` refuses ``params`` until it is marked
+    initialised; transformers has no public switch for that, so the flag is set here."""
+    model._is_initialized = True
+    model.params = params
+
+
+def gradient_checkpointing(model, policy: Optional[str] = None) -> Callable[[], contextlib.AbstractContextManager]:
+    """What rematerialises the model's layers in the backward pass: returns a context-manager
+    factory for the loss's forward pass. With no policy, transformers' own switch
+    (``enable_gradient_checkpointing``: BERT, RoBERTa, XLM-R, ELECTRA, BigBird, T5, LongT5, Whisper) is
+    turned on when the class has it; otherwise, and with a policy (transformers' switch takes
+    none), ``ftjax.remat.remat_layers`` wraps every layer with ``jax.checkpoint_policies.<policy>``."""
+    if policy is None:
+        try:
+            model.enable_gradient_checkpointing()
+            return contextlib.nullcontext
+        except NotImplementedError:
+            pass
+    return functools.partial(remat.remat_layers, remat.policy(policy))

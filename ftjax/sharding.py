@@ -100,3 +100,15 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def bytes_per_device(tree, shardings=None) -> int:
+    """Bytes one device holds of a pytree of arrays or ShapeDtypeStructs laid out as ``shardings``
+    (default: each leaf's own ``.sharding``): the largest device's sum of shard sizes."""
+    shardings = shardings if shardings is not None else jax.tree.map(lambda x: x.sharding, tree)
+    total: dict = {}
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        shard = int(np.prod(sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+        for device in sharding.device_set:
+            total[device] = total.get(device, 0) + shard
+    return max(total.values(), default=0)

@@ -12,6 +12,7 @@ best model like any other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,8 @@ from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.loading import load_splits, subsample
 from ftjax.errors import FtjaxError
-from ftjax.models import load_tokenizer, locate
+from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
+                          place_params)
 from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger
 from ftjax.step import TrainState, make_eval_step, make_train_step
@@ -94,9 +96,12 @@ class Trainer:
         if not model_cfg.from_scratch:
             locate(model_cfg.name_or_path)  # fail on a bad model path before any data work
         self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(model_cfg))
+        started = time.perf_counter()
         self.splits: dict[str, Split] = self._prepare_data() if with_data else {}
-        self.model = self.task.load_model(model_cfg, self.args.bf16, self.tokenizer, seed=self.args.seed,
-                                          **(self.task.model_kwargs() if with_data else {}))
+        self.data_seconds = time.perf_counter() - started  # loading, checks, tokenization, packing
+        self.model, weights = self.task.load_model(model_cfg, self.args.bf16, self.tokenizer, seed=self.args.seed,
+                                                   **(self.task.model_kwargs() if with_data else {}))
+        attach_params(self.model, self.place_params(weights))  # sharded from birth
         if not with_data:
             self.task.labels_from_model(self.model.config)
         self._batchers: dict[str, Batcher] = {}
@@ -152,27 +157,49 @@ class Trainer:
         m = self.config.mesh
         return S.tree_shardings(tree, self.mesh, m.fsdp_min_size, m.rules or None)
 
+    def place_params(self, weights):
+        """The model's parameters created in, or sent leaf by leaf to, their partition-rule shardings
+        (``ftjax.models.place_params``): no device ever holds more than its shards."""
+        return place_params(self.model, weights, self.param_shardings(abstract_params(self.model)))
+
+    @staticmethod
+    def loss_fn(task: Task, model, args) -> Callable:
+        """``loss_fn(params, batch, rng)`` for ``make_train_step``: the task's loss (dropout as
+        ``args.dropout`` says), its layers rematerialised when ``args.gradient_checkpointing``.
+        Shared with ``ftjax plan``, which compiles the same step."""
+        remat = (gradient_checkpointing(model, args.remat_policy) if args.gradient_checkpointing
+                 else contextlib.nullcontext)
+
+        def loss_fn(params, batch, rng):
+            with remat():
+                return task.loss(model, params, batch, rng, train=args.dropout)
+
+        return loss_fn
+
     def init_state(self, total_steps: int):
-        """Optimizer, sharded train state (params placed by the partition rules), jitted train step."""
+        """Optimizer, sharded train state and the jitted train step. The parameters are already on
+        their shards; the optimizer state is created on its own by ``jit`` with ``out_shardings``.
+        When the run resumes, the state is left abstract (shapes and shardings, no optimizer state
+        built) for the checkpoint to be restored straight into."""
         self.tx, self.schedule = make_optimizer(self.args, total_steps)
         params = self.model.params
         replicated = NamedSharding(self.mesh, P())
-        param_sh = self.param_shardings(params)
-        opt_sh = self.param_shardings(jax.eval_shape(self.tx.init, params))
-        self.state_shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
-        params = jax.device_put(params, param_sh)
-        opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
-        self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                                opt_state=opt_state,
-                                rng=jax.device_put(jax.random.PRNGKey(self.args.seed), replicated))
-        self.model._params = None  # the state owns the parameters now (frees the host copy)
-        accum, dropout = self.args.gradient_accumulation_steps, self.args.dropout
-
-        def loss_fn(params, batch, rng):
-            return self.task.loss(self.model, params, batch, rng, train=dropout)
-
+        rng = jax.random.PRNGKey(self.args.seed)
+        abstract = jax.eval_shape(lambda p: TrainState.create(p, self.tx, rng), params)
+        self.state_shardings = TrainState(step=replicated, params=self.param_shardings(params),
+                                          opt_state=self.param_shardings(abstract.opt_state), rng=replicated)
+        if resolve_resume(self.args.resume_from_checkpoint, self.output_dir / "checkpoints")[1] is not None:
+            self.state = abstract_like(abstract, self.state_shardings)
+        else:
+            params = jax.device_put(params, self.state_shardings.params)  # already there: no copy
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+            self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                                    opt_state=opt_state, rng=jax.device_put(rng, replicated))
+        del params
+        self.model._params = None  # the state owns the parameters now
+        accum = self.args.gradient_accumulation_steps
         self.train_step = jax.jit(
-            make_train_step(loss_fn, self.tx, accum),
+            make_train_step(self.loss_fn(self.task, self.model, self.args), self.tx, accum),
             in_shardings=(self.state_shardings, S.batch_sharding(self.mesh, 1 if accum > 1 else 0)),
             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
 
@@ -188,11 +215,23 @@ class Trainer:
         if self.state is None:  # evaluation only: place the loaded params on the mesh
             params = self.model.params = jax.device_put(params, self.param_shardings(params))
         nb = int(agree_max([batcher.num_batches()])[0])
-        device_outs = [self._eval_step(params, b) for b in self._device_batches(batcher, 0, 0, nb)]
-        out = {k: np.concatenate([to_host(o[k]) for o in device_outs]) for k in device_outs[0]}
-        keep = out["weight"] > 0
-        order = np.argsort(out["index"][keep], kind="stable")
-        return {k: v[keep][order] for k, v in out.items()}
+
+        def real_rows(device_out):  # to the host as soon as the next batch is dispatched
+            host = {k: to_host(v) for k, v in device_out.items()}
+            keep = host["weight"] > 0
+            return {k: v[keep] for k, v in host.items()}
+
+        parts, pending = [], None
+        for batch in self._device_batches(batcher, 0, 0, nb):
+            out = self._eval_step(params, batch)
+            if pending is not None:
+                parts.append(real_rows(pending))
+            pending = out
+        if pending is not None:
+            parts.append(real_rows(pending))
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(out["index"], kind="stable")
+        return {k: v[order] for k, v in out.items()}
 
     def evaluate(self, split: str = "validation") -> dict[str, Any]:
         """Metrics of the current parameters on a split (loss included)."""
@@ -440,7 +479,7 @@ class Trainer:
         train = self.batcher("train")
         results = {"train": {
             "global_step": self.step, "epochs": p.epoch + p.position / self.steps_per_epoch,
-            "train_runtime_s": self.seconds, "train_examples": self.examples,
+            "data_preparation_s": self.data_seconds, "train_runtime_s": self.seconds, "train_examples": self.examples,
             "train_examples_per_second": self.examples / max(self.seconds, 1e-9),
             "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
             "padding_efficiency": train.stats.padding_efficiency,

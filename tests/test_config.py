@@ -114,16 +114,20 @@ def test_unknown_task_option_names_the_closest():
         get_task(load_config(None, ["task=nerr"]))
 
 
+NEEDS = {"training.remat_policy": ["training.gradient_checkpointing=true"]}  # keys that need another
+
+
 @pytest.mark.parametrize("key,choices,is_list", LITERALS, ids=[k for k, _, _ in LITERALS])
 def test_a_typo_in_every_choice_field_names_the_key_and_the_right_value(key, choices, is_list):
     for choice in typing.get_args(choices):
         typo = choice + choice[-1]  # a doubled last letter: "epochh", "tensorboardd"
         value = f"[{typo}]" if is_list else typo
         with pytest.raises(FtjaxError) as e:
-            load_config(None, [f"{key}={value}"])
+            load_config(None, [*NEEDS.get(key, []), f"{key}={value}"])
         assert f"config key '{key}'" in str(e.value) and f"did you mean '{choice}'?" in str(e.value)
         assert "\n" not in str(e.value)
-        cfg = load_config(None, [f"{key}=[{choice}]" if is_list else f"{key}={choice}"])  # the right value loads
+        cfg = load_config(None, [*NEEDS.get(key, []),
+                                 f"{key}=[{choice}]" if is_list else f"{key}={choice}"])  # the right value loads
         assert functools.reduce(getattr, key.split("."), cfg) == ([choice] if is_list else choice)
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import transformers
 
-from conftest import tiny_overrides
+from conftest import MINILM, tiny_overrides
 from ftjax.cli import main as cli_main
 from ftjax.config import load_config
 from ftjax.data.masking import mask_batch
 from ftjax.data.packing import pack
 from ftjax.errors import FtjaxError
 from ftjax.lm_inference import fill_mask, generate_text
+from ftjax.paths import resolve_path
 from ftjax.trainer import Trainer
 
 LEE = "pkg://gensim/test/test_data/lee_background.cor"
@@ -245,3 +246,44 @@ def test_smollm2_from_gguf_says_paris_and_matches_pytorch_loss():
     out, err = torch_run.communicate(timeout=300)
     assert torch_run.returncode == 0, err[-2000:]
     assert loss == pytest.approx(float(out.strip().splitlines()[-1]), abs=0.05)
+
+
+# ---------------------------------------------------------------- corpora on disk
+
+
+def test_streamed_packing_equals_packing_the_whole_stream(tmp_path):
+    """BlockPacker carries the unfinished block across map batches: the Arrow blocks equal pack()."""
+    import datasets
+    from ftjax.data.packing import pack_dataset
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))
+    docs = [" ".join(f"word{i}x{j}" for j in range(1 + (7 * i) % 13)) for i in range(40)] + ["   "]
+    ds = datasets.Dataset.from_dict({"text": docs})
+    enc = tok([d for d in docs if d.strip()], add_special_tokens=False)
+    for remainder, whole_words in (("drop", False), ("pad", True)):
+        blocks, stats = pack_dataset(ds, tok, 16, tok.sep_token_id, remainder=remainder, with_word_ids=whole_words,
+                                     batch_size=3)
+        words = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(enc["input_ids"]))]
+        expected, expected_stats = pack(enc["input_ids"], 16, tok.sep_token_id, remainder,
+                                        words if whole_words else None)
+        assert [list(b) for b in blocks["input_ids"]] == expected["input_ids"]
+        if whole_words:
+            assert [list(b) for b in blocks["word_ids"]] == expected["word_ids"]
+        assert stats == expected_stats and stats.documents == 40
+
+
+def test_tokenized_splits_are_cached_and_reused(tiny_model, tmp_path, caplog):
+    """A second run with the same data, tokenizer and options reads the Arrow cache (and says so);
+    another block size packs anew."""
+    import logging
+    cache = tmp_path / "cache"
+    over = {"data.cache_dir": str(cache), "training.max_steps": 1}
+    Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "a", **over)))
+    files = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
+    assert any(n.startswith("mlm-tokenize-train") for n in files) and any(n.startswith("mlm-pack") for n in files)
+    with caplog.at_level(logging.INFO, logger="ftjax"):
+        again = Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "b", **over)))
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.arrow")} == files  # nothing rewritten
+    assert sum("reusing the cached result" in r.message for r in caplog.records) == len(files)
+    assert again.splits["train"].meta["packing"]["blocks"] == len(again.splits["train"].rows)
+    Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "c", **over, **{"task_options.block_size": 16})))
+    assert len(list(cache.glob("mlm-pack*.arrow"))) == 2 * len([n for n in files if n.startswith("mlm-pack")])

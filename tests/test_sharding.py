@@ -96,13 +96,13 @@ def test_a_bad_rule_fails_at_load(rules, message):
         load_config(None, [f"mesh.rules={rules}"])
     assert e.match(message) and "\n" not in str(e.value)
 
-def _losses(tiny_model, data, out, mesh, per_device_batch):
+def _losses(tiny_model, data, out, mesh, per_device_batch, **extra):
     cfg = load_config(None, tiny_overrides(
         tiny_model, data, out, **{"training.max_steps": 6, "training.logging_steps": 1,
                                   "training.dropout": "false", "training.eval_strategy": "no",
                                   "training.save_strategy": "no", "mesh.fsdp_min_size": 256,
                                   "training.per_device_train_batch_size": per_device_batch,
-                                  **{f"mesh.{k}": v for k, v in mesh.items()}}))
+                                  **{f"mesh.{k}": v for k, v in mesh.items()}, **extra}))
     trainer = Trainer(cfg)
     results = trainer.train()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -136,3 +136,17 @@ def test_sharded_runs_follow_the_single_device_loss_curve(tiny_model, reference,
         assert len(kernel.addressable_shards[0].data.reshape(-1)) < kernel.size  # really split
     else:
         assert all(a is None for a in spec)
+
+
+@pytest.mark.parametrize("extra", [
+    {"model.from_scratch": "true"},  # initialised by jit(init, out_shardings=...): born sharded
+    {"training.gradient_checkpointing": "true"},  # transformers' own remat of BERT layers
+    {"training.gradient_checkpointing": "true", "training.remat_policy": "dots_saveable"},  # ftjax's
+], ids=["from_scratch", "remat", "remat_dots_saveable"])
+def test_fsdp_runs_follow_the_single_device_loss_curve(tiny_model, reference, tmp_path, extra):
+    data, pretrained = reference
+    one = _losses(tiny_model, data, tmp_path / "one", {"data": 1, "fsdp": 1, "tensor": 1}, 8, **extra)[2]
+    if "model.from_scratch" not in extra:  # recomputing activations changes nothing but memory
+        np.testing.assert_allclose(one, pretrained, rtol=2e-5, atol=2e-6)
+    _, _, fsdp = _losses(tiny_model, data, tmp_path / "fsdp", {"data": 1, "fsdp": 8, "tensor": 1}, 1, **extra)
+    np.testing.assert_allclose(fsdp, one, rtol=2e-5, atol=2e-6)

@@ -1,5 +1,8 @@
 """Fixed-shape batches from tokenized examples: length buckets, length grouping, masked padding rows.
 
+Rows are read from the split's (memory-mapped) Arrow table batch by batch and padded with numpy:
+no split is ever held as Python objects, so host memory does not grow with the corpus.
+
 Every batch is padded to the smallest bucket length that fits its longest row, so the train step
 compiles once per bucket. Fields of a ``LengthGroup`` (seq2seq targets) get their own bucket length,
 chosen from the group's first field. A short last batch is filled with rows of weight 0 so evaluation never
@@ -15,6 +18,8 @@ from typing import Iterator, Optional, Sequence
 import datasets
 import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # Value used to pad each known sequence field; a sequence field not listed pads with 0.
 DEFAULT_PAD = {"attention_mask": 0, "token_type_ids": 0, "labels": -100, "special_tokens_mask": 1}
@@ -71,20 +76,27 @@ class Batcher:
         self.group_by_length, self.window = group_by_length, window
         self.buckets = bucket_lengths(buckets, max_length)
         self.pad = dict(DEFAULT_PAD, input_ids=pad_id, decoder_input_ids=pad_id)
-        self.process_index, self.process_count = process_index, process_count
-        cols, first = ds.column_names, ds[0]
-        if process_count > 1:  # strided, so a global batch holds the rows a one-process run would
-            ds = ds.shard(num_shards=process_count, index=process_index, contiguous=False)
-        self.seq_fields = [c for c in cols if isinstance(first[c], list)]
-        self.scalar_fields = [c for c in cols if c not in self.seq_fields]
-        self.columns = ds[:]  # dict of python lists
-        self.lengths = np.array([len(x) for x in self.columns["input_ids"]], np.int64)
+        self.rows = ds.with_format("arrow")  # ``rows[[i, j]]`` -> a pyarrow Table of those rows
+        # This process's rows, strided, so a global batch holds the rows a one-process run would.
+        self.global_rows = np.arange(process_index, len(ds), process_count)
+        schema = ds.features.arrow_schema
+        self.seq_fields = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
+        self.scalar_fields = [f.name for f in schema if f.name not in self.seq_fields]
+        self.lengths = self._lengths("input_ids")
         self.groups = [g for g in groups if g.fields[0] in self.seq_fields]
-        self.group_lengths = [np.array([len(x) for x in self.columns[g.fields[0]]], np.int64) for g in self.groups]
+        self.group_lengths = [self._lengths(g.fields[0]) for g in self.groups]
         self.group_buckets = [bucket_lengths(g.buckets, g.max_length) for g in self.groups]
         self.field_group = {f: i for i, g in enumerate(self.groups) for f in g.fields}
-        self.num_examples = len(ds)
+        self.num_examples = len(self.global_rows)
         self.stats = BatchStats()
+
+    def _lengths(self, field: str) -> np.ndarray:
+        """Length of each of this process's rows of a sequence field, from the Arrow offsets of the
+        memory-mapped column (no row is decoded or copied)."""
+        if len(self.rows) == 0:
+            return np.zeros(0, np.int64)
+        every = pc.list_value_length(self.rows[field]).to_numpy(zero_copy_only=False)
+        return every[self.global_rows].astype(np.int64)
 
     def num_batches(self, num_examples: Optional[int] = None) -> int:
         n = self.num_examples if num_examples is None else num_examples
@@ -130,20 +142,21 @@ class Batcher:
         length = self.padded_length(rows) if length is None else length
         group_lengths = self.group_padded_lengths(rows) if group_lengths is None else group_lengths
         real = rows >= 0
+        table = self.rows[self.global_rows[rows[real]].tolist()]
         batch = {}
         for f in self.seq_fields:
             width = group_lengths[self.field_group[f]] if f in self.field_group else length
             arr = np.full((len(rows), width), self.pad.get(f, 0), np.int32)
-            for i, r in enumerate(rows):
-                if r >= 0:
-                    seq = self.columns[f][r][:width]
-                    arr[i, :len(seq)] = seq
+            arr[real] = pad_lists(table.column(f), width, self.pad.get(f, 0))
             batch[f] = arr
         for f in self.scalar_fields:
-            values = [self.columns[f][r] if r >= 0 else 0 for r in rows]
-            batch[f] = np.asarray(values, np.float32 if isinstance(values[0], float) else np.int32)
+            column = table.column(f)
+            dtype = np.float32 if pa.types.is_floating(column.type) else np.int32
+            values = np.zeros(len(rows), dtype)
+            values[real] = column.to_numpy(zero_copy_only=False)
+            batch[f] = values
         batch["weight"] = real.astype(np.float32)
-        batch["index"] = np.where(real, rows * self.process_count + self.process_index, -1).astype(np.int32)
+        batch["index"] = np.where(real, self.global_rows[np.maximum(rows, 0)], -1).astype(np.int32)
         self.stats.real_tokens += int(np.minimum(self.lengths[rows[real]], length).sum())
         self.stats.padded_tokens += len(rows) * length
         return batch
@@ -156,6 +169,21 @@ class Batcher:
         lengths = agree_max(np.ravel(per_batch).tolist()).reshape(len(order), -1) if order else []
         for rows, ls in list(zip(order, lengths))[start:]:
             yield self.make_batch(rows, int(ls[0]), [int(x) for x in ls[1:]])
+
+
+def pad_lists(column: pa.ChunkedArray, width: int, pad_value: int) -> np.ndarray:
+    """``[rows, width]`` int32 from an Arrow list column: each list cut or padded to ``width``."""
+    column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(column) == 0:
+        return np.zeros((0, width), np.int32)
+    column = column.cast(pa.list_(pa.int64())) if not pa.types.is_list(column.type) else column
+    offsets = column.offsets.to_numpy()
+    values = column.flatten().to_numpy(zero_copy_only=False)  # the values of these rows only
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    positions = np.arange(width)[None, :]
+    valid = positions < lengths[:, None]
+    gathered = values[np.minimum(starts[:, None] + positions, max(len(values) - 1, 0))] if len(values) else 0
+    return np.where(valid, gathered, pad_value).astype(np.int32)
 
 
 def agree_max(values: list[int]) -> np.ndarray:

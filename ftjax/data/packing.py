@@ -8,14 +8,21 @@ computes real tokens and every block has the same shape (one compile)::
 
 ``word_ids`` (one id per token, unique over the corpus, -1 on separators) let the MLM masking
 choose whole words.
+
+``pack_dataset`` never holds the corpus in memory: documents are tokenized by a (cached) batched
+``datasets.map``, and a second, sequential map (``BlockPacker``) streams them into blocks written
+to Arrow on disk, carrying the unfinished block from one map batch to the next; its result equals
+``pack`` on the whole token stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from ftjax.errors import FtjaxError
 
@@ -38,19 +45,22 @@ class PackStats:
 
 
 def tokenize_documents(ds: datasets.Dataset, tokenizer, text_column: str = "text", with_word_ids: bool = False,
-                       num_proc: int | None = None) -> datasets.Dataset:
-    """``input_ids`` (and ``word_ids``) of every non-empty document, no special tokens, no truncation."""
-    ds = ds.filter(lambda ex: bool(str(ex[text_column] or "").strip()), num_proc=num_proc, desc="drop empty")
+                       map_fn: Optional[Callable] = None) -> datasets.Dataset:
+    """``input_ids`` (and ``word_ids``) of every non-empty document, no special tokens, no truncation.
+    ``map_fn(ds, function, name, **kwargs)`` runs the map (default ``Dataset.map``; ftjax passes a cached one)."""
+    map_fn = map_fn or (lambda data, function, name, **kw: data.map(function, desc=name, **kw))
 
     def encode(batch):
-        enc = tokenizer([str(t) for t in batch[text_column]], add_special_tokens=False, truncation=False,
-                        verbose=False)
+        texts = [str(t) for t in batch[text_column] if str(t or "").strip()]
+        if not texts:  # the tokenizer fails on an empty list
+            return {"input_ids": [], **({"word_ids": []} if with_word_ids else {})}
+        enc = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)
         out = {"input_ids": enc["input_ids"]}
         if with_word_ids:
-            out["word_ids"] = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(enc["input_ids"]))]
+            out["word_ids"] = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(texts))]
         return out
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize")
+    return map_fn(ds, encode, "tokenize", batched=True, remove_columns=ds.column_names)
 
 
 def pack(input_ids: list[list[int]], block_size: int, separator_id: int, remainder: str = "drop",
@@ -95,16 +105,63 @@ def pack(input_ids: list[list[int]], block_size: int, separator_id: int, remaind
     return columns, stats
 
 
+class BlockPacker:
+    """A stateful batched-map function: documents in, ``block_size`` blocks out. The tail that does
+    not fill a block waits for the next batch; the last batch (it holds row ``num_rows - 1``) also
+    emits the remainder (``pad``) or drops it. Needs the batches in order (``num_proc=None``)."""
+
+    def __init__(self, block_size: int, separator_id: int, num_rows: int, remainder: str, with_word_ids: bool):
+        self.block_size, self.separator_id, self.num_rows = block_size, separator_id, num_rows
+        self.remainder, self.with_word_ids = remainder, with_word_ids
+        self.ids = np.zeros(0, np.int32)
+        self.words = np.zeros(0, np.int64)
+        self.word_offset = 0
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        docs = batch["input_ids"]
+        ids = [self.ids] + [np.append(np.asarray(d, np.int32), np.int32(self.separator_id)) for d in docs]
+        self.ids = np.concatenate(ids)
+        if self.with_word_ids:
+            parts = [self.words]
+            for w in batch["word_ids"]:
+                w = np.asarray(w, np.int64)
+                parts.append(np.append(np.where(w >= 0, w + self.word_offset, -1), -1))
+                self.word_offset += int(w.max(initial=-1)) + 1
+            self.words = np.concatenate(parts)
+        last = bool(indices) and indices[-1] == self.num_rows - 1
+        full = len(self.ids) // self.block_size * self.block_size
+        keep = len(self.ids) if last and self.remainder == "pad" else full
+        cuts = range(0, keep, self.block_size)
+        out = {"input_ids": [self.ids[i:i + self.block_size] for i in cuts]}
+        out["attention_mask"] = [np.ones(len(b), np.int8) for b in out["input_ids"]]
+        if self.with_word_ids:
+            out["word_ids"] = [self.words[i:i + self.block_size] for i in cuts]
+            self.words = self.words[full:]
+        self.ids = self.ids[full:]
+        return out
+
+
 def pack_dataset(ds: datasets.Dataset, tokenizer, block_size: int, separator_id: int, split: str = "train",
                  text_column: str = "text", remainder: str = "drop", with_word_ids: bool = False,
-                 num_proc: int | None = None) -> tuple[datasets.Dataset, PackStats]:
-    """Tokenizes and packs one split; fails with one line when nothing is left to train on."""
-    tokenized = tokenize_documents(ds, tokenizer, text_column, with_word_ids, num_proc)
+                 map_fn: Optional[Callable] = None, batch_size: int = 1000) -> tuple[datasets.Dataset, PackStats]:
+    """Tokenizes and packs one split with Arrow on disk, ``batch_size`` documents at a time; fails
+    with one line when nothing is left to train on. ``map_fn`` as in ``tokenize_documents``."""
+    map_fn = map_fn or (lambda data, function, name, **kw: data.map(function, desc=name, **kw))
+    tokenized = tokenize_documents(ds, tokenizer, text_column, with_word_ids, map_fn)
     if len(tokenized) == 0:
         raise FtjaxError(f"{split} split: the corpus is empty (no non-blank text in column '{text_column}')")
-    columns, stats = pack(tokenized["input_ids"], block_size, separator_id, remainder,
-                          tokenized["word_ids"] if with_word_ids else None)
+    total = int(pc.sum(pc.list_value_length(tokenized.with_format("arrow")["input_ids"])).as_py()) + len(tokenized)
+    keep = total if remainder == "pad" else total // block_size * block_size
+    stats = PackStats(documents=len(tokenized), tokens=keep, dropped_tokens=total - keep,
+                      blocks=-(-keep // block_size), block_size=block_size)
     if stats.blocks == 0:
         raise FtjaxError(f"{split} split: {stats.dropped_tokens} tokens are fewer than one block of "
                          f"{block_size}; use task_options.remainder=pad or a smaller task_options.block_size")
-    return datasets.Dataset.from_dict(columns), stats
+    packer = BlockPacker(block_size, separator_id, len(tokenized), remainder, with_word_ids)
+    blocks = map_fn(tokenized, packer, f"pack {block_size}", batched=True, with_indices=True,
+                    remove_columns=tokenized.column_names, batch_size=batch_size, num_proc=None,
+                    features=datasets.Features({
+                        "input_ids": datasets.Sequence(datasets.Value("int32")),
+                        "attention_mask": datasets.Sequence(datasets.Value("int8")),
+                        **({"word_ids": datasets.Sequence(datasets.Value("int64"))} if with_word_ids else {})}))
+    return blocks, stats

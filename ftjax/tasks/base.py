@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from ftjax.config import Config
+from ftjax.data.cache import cached_map, source_key, tokenizer_key
 from ftjax.errors import FtjaxError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -121,7 +122,9 @@ class Task:
         """Label names of a trained model (predict / eval without training data)."""
 
     def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
-        """The Flax model (default: ``auto_class`` from ``model_config.name_or_path``)."""
+        """``(model, weights)``: the Flax model without weights and its checkpoint's parameters as
+        host arrays, or None (default: ``auto_class`` from ``model_config.name_or_path``, see
+        ``ftjax.models.load_model``). The trainer places them on the mesh, shard by shard."""
         from ftjax.models import load_model
         return load_model(self.auto_class, model_config, bf16, **kwargs)
 
@@ -148,6 +151,18 @@ def model_output(model, params, batch: dict, rng: Optional[jax.Array], train: bo
     """The model's output on the batch's model inputs (dropout only when ``train``)."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     return model(**inputs, params=params, dropout_rng=rng if train else None, train=train)
+
+
+def tokenize_split(task: Task, ds: datasets.Dataset, function, split: str, tokenizer, name: str = "tokenize",
+                   **map_kwargs) -> datasets.Dataset:
+    """``ds.map(function, batched=True)``, cached under everything that shapes the result (the data,
+    the tokenizer, the task and its options: ``ftjax.data.cache``), so a second run reads Arrow."""
+    key = {**source_key(task.config), "tokenizer": tokenizer_key(tokenizer), "split": split,
+           "options": dataclasses.asdict(task.options), "labels": getattr(task, "label_names", None)}
+    kwargs = {"batched": True, "desc": f"{name} {split}", "num_proc": task.config.data.preprocessing_num_workers,
+              **map_kwargs}
+    return cached_map(ds, function, key=key, name=f"{task.name}-{name}-{split}",
+                      cache_dir=task.config.data.cache_dir, **kwargs)
 
 
 def require_columns(ds: datasets.Dataset, split: str, columns: list[Optional[str]]) -> None:

@@ -13,7 +13,7 @@ import optax
 
 from ftjax import metrics as M
 from ftjax.errors import FtjaxError
-from ftjax.tasks.base import Split, Task, model_output, register, require_columns
+from ftjax.tasks.base import Split, Task, model_output, register, require_columns, tokenize_split
 
 
 @dataclasses.dataclass
@@ -88,13 +88,11 @@ class Classification(Task):
         return enc
 
     def prepare(self, splits: datasets.DatasetDict, tokenizer) -> dict[str, Split]:
-        d = self.config.data
         out = {}
         for split, ds in splits.items():
-            classlabel = isinstance(ds.features[d.label_column], datasets.ClassLabel)
-            out[split] = Split(ds.map(lambda ex: self._encode(tokenizer, ex, True, classlabel), batched=True,
-                                      remove_columns=ds.column_names, desc=f"tokenize {split}",
-                                      num_proc=d.preprocessing_num_workers))
+            classlabel = isinstance(ds.features[self.config.data.label_column], datasets.ClassLabel)
+            out[split] = Split(tokenize_split(self, ds, lambda ex: self._encode(tokenizer, ex, True, classlabel),
+                                              split, tokenizer, remove_columns=ds.column_names))
         return out
 
     def encode(self, records: list[dict], tokenizer) -> Split:

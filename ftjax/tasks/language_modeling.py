@@ -23,7 +23,7 @@ import optax
 from ftjax.data.masking import mask_batch
 from ftjax.data.packing import pack_dataset
 from ftjax.errors import FtjaxError
-from ftjax.tasks.base import Split, Task, model_output, register, require_columns
+from ftjax.tasks.base import Split, Task, model_output, register, require_columns, tokenize_split
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,12 @@ class LanguageModeling(Task):
         self.check_model(tokenizer)
         out = {}
         for split, ds in splits.items():
+            def cached(data, function, name, split=split, **kwargs):
+                return tokenize_split(self, data, function, split, tokenizer, name.replace(" ", "-"), **kwargs)
+
             rows, stats = pack_dataset(
                 ds, tokenizer, self.max_length, self.separator_id(tokenizer), split, d.text_column, o.remainder,
-                with_word_ids=not self.causal and o.whole_word_masking, num_proc=d.preprocessing_num_workers)
+                with_word_ids=not self.causal and o.whole_word_masking, map_fn=cached)
             log.info("%s: %d documents -> %d blocks of %d tokens, packing efficiency %.4f", split,
                      stats.documents, stats.blocks, stats.block_size, stats.efficiency)
             out[split] = Split(rows, {"packing": stats.as_dict()})

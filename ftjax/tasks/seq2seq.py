@@ -23,8 +23,8 @@ import optax
 
 from ftjax.data.batching import LengthGroup
 from ftjax.errors import FtjaxError
-from ftjax.models import compute_dtype, flax_transformers, load_model, locate, model_config as load_config
-from ftjax.tasks.base import Split, Task, register, require_columns
+from ftjax.models import flax_transformers, load_encoder_decoder, load_model, locate, model_config as load_config
+from ftjax.tasks.base import Split, Task, register, require_columns, tokenize_split
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -109,8 +109,8 @@ class Seq2Seq(Task):
         out = {}
         for split, ds in splits.items():
             references = [str(t) for t in ds[o.target_column]]
-            rows = ds.map(lambda ex: self._encode(tokenizer, ex, True), batched=True, remove_columns=ds.column_names,
-                          desc=f"tokenize {split}", num_proc=self.config.data.preprocessing_num_workers)
+            rows = tokenize_split(self, ds, lambda ex: self._encode(tokenizer, ex, True), split, tokenizer,
+                                  remove_columns=ds.column_names)
             out[split] = Split(rows, {"references": references, "tokenizer": tokenizer})
         return out
 
@@ -122,28 +122,21 @@ class Seq2Seq(Task):
     # ---- model -----------------------------------------------------------------------------
     def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
         """A seq2seq checkpoint as is; an encoder-only one (BERT, RoBERTa...) as a BERT2BERT-style
-        ``FlaxEncoderDecoderModel`` whose decoder starts from the same weights (cross-attention new)."""
+        ``FlaxEncoderDecoderModel`` whose decoder starts from the same weights (cross-attention new).
+        Returns ``(model, weights)`` like ``ftjax.models.load_model``."""
         name, from_pt = locate(model_config.name_or_path)
         if load_config(model_config).is_encoder_decoder:
             return load_model(self.auto_class, model_config, bf16, **kwargs)
-        transformers = flax_transformers()
-        level = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # the new cross-attention weights are expected
-        try:
-            model = transformers.FlaxEncoderDecoderModel.from_encoder_decoder_pretrained(
-                name, name, encoder_from_pt=from_pt, decoder_from_pt=from_pt,
-                dtype=compute_dtype(model_config, bf16))
-        finally:
-            transformers.logging.set_verbosity(level)
         start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         if start is None or end is None or tokenizer.pad_token_id is None:
             raise FtjaxError(f"tokenizer of {name} has no cls/bos, sep/eos or pad token to build an encoder-decoder")
+        model, weights = load_encoder_decoder(name, from_pt, model_config, bf16)
         for c in (model.config, model.generation_config):
             c.decoder_start_token_id, c.bos_token_id, c.eos_token_id = start, start, end
             c.pad_token_id = tokenizer.pad_token_id
         model.config.vocab_size = model.config.decoder.vocab_size
-        return model
+        return model, weights
 
     # ---- device ----------------------------------------------------------------------------
     @staticmethod

@@ -28,7 +28,7 @@ import optax
 from ftjax import metrics as M
 from ftjax.data.conll import BIO_PREFIXES, sort_tags
 from ftjax.errors import FtjaxError
-from ftjax.tasks.base import MODEL_INPUTS, Split, Task, model_output, register, require_columns
+from ftjax.tasks.base import MODEL_INPUTS, Split, Task, model_output, register, require_columns, tokenize_split
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +310,7 @@ class TokenClassification(Task):
 
         out = {}
         for split, ds in splits.items():
-            enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {split}",
-                         num_proc=d.preprocessing_num_workers)
+            enc = tokenize_split(self, ds, encode, split, tokenizer, remove_columns=ds.column_names)
             meta = {"words": list(ds[d.tokens_column]), "source": self._source(split),
                     "lines": list(ds["line"]) if "line" in ds.column_names else None,
                     "alignment": self._alignment_stats(split, enc)}

@@ -1,0 +1,79 @@
+"""Tokenize once: ``datasets.map`` results kept as Arrow files under a key of everything that
+shapes them, so a second run with the same data, tokenizer and settings memory-maps them.
+
+The key is made from the configuration, not from ``Dataset._fingerprint`` (random for datasets
+built in memory, such as CoNLL or wiki-dump files): the data section, the size and modification
+time of every local file it names, the split and its length, the task and its options, the
+model's ``max_length`` and the tokenizer's full serialisation. Changing any of them tokenizes anew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import datasets
+from datasets.fingerprint import Hasher
+
+from ftjax.paths import resolve_path
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when preprocessing code changes what it writes
+
+
+def cache_root(cache_dir: Optional[str]) -> Path:
+    """``data.cache_dir``, else ``$FTJAX_CACHE/datasets``, else ``~/.cache/ftjax/datasets``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax")).expanduser() / "datasets"
+
+
+def _file_stamp(path: Optional[str]):
+    if not path:
+        return None
+    p = Path(resolve_path(path))
+    return (str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else str(path)
+
+
+def source_key(config) -> dict:
+    """What a run's preprocessing depends on besides the tokenizer and the split."""
+    d = config.data
+    return {"version": CACHE_VERSION, "data": dataclasses.asdict(d), "seed": config.training.seed,
+            "files": [_file_stamp(f) for f in (d.train_file, d.validation_file, d.test_file)],
+            "task": config.task, "max_length": config.model.max_length}
+
+
+def tokenizer_key(tokenizer) -> str:
+    """The tokenizer's vocabulary, normaliser, pre-tokenizer and post-processor; not its truncation
+    and padding settings, which every call changes (each map sets its own)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = sorted(tokenizer.get_vocab().items())
+    return Hasher.hash((type(tokenizer).__name__, state, tokenizer.padding_side, tokenizer.truncation_side,
+                        str(tokenizer.special_tokens_map)))
+
+
+def cached_map(ds: datasets.Dataset, function: Callable, *, key: dict, name: str,
+               cache_dir: Optional[str], **map_kwargs) -> datasets.Dataset:
+    """``ds.map(function, **map_kwargs)`` written to (or read from) ``<cache>/<name>-<hash>.arrow``.
+
+    ``key`` must hold everything the result depends on (``source_key``, ``tokenizer_key``, the
+    split, the task's options); it names the file and the result's fingerprint.
+    """
+    fingerprint = Hasher.hash({**key, "name": name, "rows": len(ds), "columns": ds.column_names})
+    root = cache_root(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}-{fingerprint}.arrow"
+    if path.exists():
+        log.info("%s: reusing the cached result %s", name, path)
+    return ds.map(function, new_fingerprint=fingerprint, cache_file_name=str(path), load_from_cache_file=True,
+                  **map_kwargs)
