@@ -176,7 +176,7 @@ class Trainer:
 
         return loss_fn
 
-    def init_state(self, total_steps: int):
+    def init_state(self, total_steps: int, resuming: bool = False):
         """Optimizer, sharded train state and the jitted train step. The parameters are already on
         their shards; the optimizer state is created on its own by ``jit`` with ``out_shardings``.
         When the run resumes, the state is left abstract (shapes and shardings, no optimizer state
@@ -188,7 +188,7 @@ class Trainer:
         abstract = jax.eval_shape(lambda p: TrainState.create(p, self.tx, rng), params)
         self.state_shardings = TrainState(step=replicated, params=self.param_shardings(params),
                                           opt_state=self.param_shardings(abstract.opt_state), rng=replicated)
-        if resolve_resume(self.args.resume_from_checkpoint, self.output_dir / "checkpoints")[1] is not None:
+        if resuming:
             self.state = abstract_like(abstract, self.state_shardings)
         else:
             params = jax.device_put(params, self.state_shardings.params)  # already there: no copy
@@ -211,9 +211,7 @@ class Trainer:
         """The task's per-row outputs of every real row, from all processes, in global row order."""
         if self._eval_step is None:
             self._eval_step = jax.jit(make_eval_step(lambda p, b: self.task.outputs(self.model, p, b)))
-        params = self.params()
-        if self.state is None:  # evaluation only: place the loaded params on the mesh
-            params = self.model.params = jax.device_put(params, self.param_shardings(params))
+        params = self.params()  # on the mesh since loading (``place_params``)
         nb = int(agree_max([batcher.num_batches()])[0])
 
         def real_rows(device_out):  # to the host as soon as the next batch is dispatched
@@ -296,7 +294,7 @@ class Trainer:
             multihost_utils.sync_global_devices("ftjax: output_dir checked")
         self.steps_per_epoch = int(agree_max([self.batcher("train").num_batches()])[0])
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * self.steps_per_epoch)
-        self.init_state(total)
+        self.init_state(total, resuming=resume_step is not None)
         self.metric = metric_key(args.metric_for_best_model)
         self.greater = args.greater_is_better if args.greater_is_better is not None else self.metric != "loss"
         # Always there: SIGTERM saves even with save_strategy "no" (which only stops periodic saves).

@@ -81,8 +81,8 @@ def test_fsdp_resume_restores_straight_into_the_sharded_state(tiny_model, sentim
     before_restore = []
     init_state = Trainer.init_state
 
-    def spy(self, total_steps):
-        init_state(self, total_steps)
+    def spy(self, total_steps, **kwargs):
+        init_state(self, total_steps, **kwargs)
         before_restore.extend(jax.tree.leaves(self.state))
     monkeypatch.setattr(Trainer, "init_state", spy)
     resumed.train()

@@ -67,8 +67,8 @@ def test_resume_after_sigterm_ends_with_the_same_parameters(tiny_model, sentimen
 
     original = Trainer.init_state
 
-    def init_then_interrupt_at_step_4(self, total):
-        original(self, total)
+    def init_then_interrupt_at_step_4(self, total, **kwargs):
+        original(self, total, **kwargs)
         step = self.train_step
 
         def wrapped(state, batch):
