@@ -128,6 +128,10 @@ class TrainingConfig:
     disable_tqdm: bool = False
     export_pytorch: bool = True  # also write PyTorch safetensors into OUTPUT_DIR/export (needs torch)
     predict_with_generate: bool = False  # seq2seq eval: generate (settings in `inference`) for ROUGE/BLEU
+    # Upload OUTPUT_DIR/export (weights, tokenizer, model card) to the Hub at the end (needs internet).
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None  # e.g. your-name/minilm-sentiment
+    hub_private_repo: bool = False
 
     def __post_init__(self):
         if self.remat_policy is not None and not self.gradient_checkpointing:

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from ftjax import sharding as S
+from ftjax import hub, model_card, sharding as S
 from ftjax.checkpoint import (Checkpointer, abstract_like, export_pretrained, export_pytorch, metric_key,
                               resolve_resume)
 from ftjax.config import Config
@@ -286,6 +286,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Trains as configured and returns (and writes) the final results."""
         args = self.args
+        hub.check_push(args.push_to_hub, args.hub_model_id)
         ckpt_dir = self.output_dir / "checkpoints"
         resume_dir, resume_step = resolve_resume(args.resume_from_checkpoint, ckpt_dir)
         self._check_output_dir(resuming=resume_step is not None)
@@ -495,10 +496,23 @@ class Trainer:
             if self.args.export_pytorch:
                 results["train"]["pytorch_export"] = export_pytorch(self.output_dir / "export", self.task.auto_class)
             self.logger.plot(self.output_dir / "loss.png")
+            self._write_model_card(results)
         self._write_json("results.json", results)
+        if self.is_main and self.args.push_to_hub:  # results are on disk whatever the network does
+            results["train"]["hub_commit"] = hub.push(self.output_dir / "export", self.args.hub_model_id,
+                                                      self.args.hub_private_repo)
+            self._write_json("results.json", results)
         self.logger.close()
         self.ckpt.close()
         return results
+
+    def _write_model_card(self, results: dict) -> None:
+        """README.md (model card) and the reproducing config into the export folder."""
+        record = self._config_record()
+        env = model_card.environment(dict(self.mesh.shape), jax.devices())
+        sizes = {split: len(data.rows) for split, data in self.splits.items()}
+        card = model_card.render(record, results, env, sizes, getattr(self.task, "label_names", None))
+        model_card.write(self.output_dir / "export", record, card)
 
     def _config_record(self) -> dict:
         """The config as it ran: the task's options with their defaults filled in."""
