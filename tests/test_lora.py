@@ -190,3 +190,19 @@ def test_lora_resume_ends_with_the_same_adapters(tiny_model, data, tmp_path):
     assert int(resumed.state.step) == 8
     for k, v in _flat(straight.state.params).items():
         np.testing.assert_allclose(_flat(resumed.state.params)[k], v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mesh,per_device", [({"data": 1, "fsdp": 8, "tensor": 1}, 1),
+                                             ({"data": 2, "fsdp": 1, "tensor": 4}, 4)], ids=["fsdp", "tensor"])
+def test_sharded_lora_follows_the_single_device_run(tiny_model, data, lora_run, tmp_path, mesh, per_device):
+    _, _, _, expected, _ = lora_run
+    trainer, _, _, losses = _train(tiny_model, data, tmp_path / "run", **{
+        "model.lora": "{rank: 4, alpha: 8}", "mesh.fsdp_min_size": 64, "training.per_device_train_batch_size": per_device,
+        **{f"mesh.{k}": v for k, v in mesh.items()}})
+    np.testing.assert_allclose(losses, expected, rtol=2e-5, atol=2e-6)
+    query = trainer.state.params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
+    a, b = query["lora_a"].sharding.spec, query["lora_b"].sharding.spec
+    if "fsdp" in mesh and mesh["fsdp"] > 1:  # A [32, 4]: its input dimension split over fsdp
+        assert tuple(a) == ("fsdp", None) and len(query["lora_a"].addressable_shards[0].data) == 32 // 8
+    else:  # a column-parallel kernel: B's output features split like the kernel's
+        assert tuple(b) == (None, "tensor") and query["lora_b"].addressable_shards[0].data.shape == (4, 8)
