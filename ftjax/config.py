@@ -234,8 +234,11 @@ def valid_keys(cls, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
+        tp = hints[f.name]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = options[0] if typing.get_origin(tp) in (Union, types.UnionType) and len(options) == 1 else tp
+        if dataclasses.is_dataclass(tp):  # also an optional section (model.lora)
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
     return keys

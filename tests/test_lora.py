@@ -36,10 +36,11 @@ def _bert_shapes():
     ('model.lora.targets=["(query"]', "'model.lora.targets': regex '\\(query' does not compile"),
     ('model.freeze=["[bert"]', "'model.freeze': regex"),
     ("model.lora.dropout=0.1", "only 0.0"),
+    ("model.lora.rnk=4", "unknown config key 'model.lora.rnk'; did you mean 'model.lora.rank'"),
 ])
 def test_bad_lora_config_fails_at_load_with_one_line(override, message):
     with pytest.raises(FtjaxError, match=message) as e:
-        load_config(None, [override])
+        load_config(None, ["model.lora={}", override])
     assert "\n" not in str(e.value)
 
 
