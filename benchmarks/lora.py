@@ -81,9 +81,9 @@ def summary(runs: list[dict]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cls-train", type=int, default=480)
-    p.add_argument("--ner-train", type=int, default=480)
-    p.add_argument("--eval", type=int, default=200)
+    p.add_argument("--cls-train", type=int, default=128)
+    p.add_argument("--ner-train", type=int, default=128)
+    p.add_argument("--eval", type=int, default=64)
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)

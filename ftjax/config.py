@@ -40,7 +40,7 @@ class LoraConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0  # only 0.0: the merged-weights design has no per-token input to drop
+    dropout: float = 0.0  # on the adapters' input in training (then computed unmerged, as PEFT does)
     # Regexes over parameter paths (re.search) choosing the 2-d kernels to adapt; null: the
     # family's default (lora.FAMILY_TARGETS, the attention query and value projections).
     targets: Optional[list[str]] = None
@@ -50,9 +50,8 @@ class LoraConfig:
             raise FtjaxError(f"config key 'model.lora.rank': must be > 0, got {self.rank}")
         if self.alpha <= 0:
             raise FtjaxError(f"config key 'model.lora.alpha': must be > 0, got {self.alpha}")
-        if self.dropout != 0.0:
-            raise FtjaxError("config key 'model.lora.dropout': only 0.0 is supported (the adapter is merged "
-                             "into the weights inside the loss, so there is no adapter input to drop)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FtjaxError(f"config key 'model.lora.dropout': must be in [0, 1), got {self.dropout}")
         _check_regexes("model.lora.targets", self.targets or [])
 
 

@@ -19,6 +19,7 @@ of the same model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -84,6 +86,7 @@ class Adaptation:
     scale: float = 0.0  # alpha / rank
     transposed: bool = False  # kernels stored [out, in]
     model_type: str = ""
+    dropout: float = 0.0  # on the adapter's input, in training (``branches``)
 
     @classmethod
     def build(cls, cfg: ModelConfig, model_type: str, shapes: dict, weights: Optional[dict]) -> Optional["Adaptation"]:
@@ -123,8 +126,8 @@ class Adaptation:
                                  f"model; its weight matrices are named {_names(kernels)}")
             targets += [p for p in hit if p not in targets]
         frozen |= set(paths) - set(new_leaves)  # the base model is frozen; a new head trains
-        return cls(frozen=frozenset(frozen), targets=tuple(targets), rank=lora.rank,
-                   scale=lora.alpha / lora.rank, transposed=model_type in TRANSPOSED, model_type=model_type)
+        return cls(frozen=frozenset(frozen), targets=tuple(targets), rank=lora.rank, scale=lora.alpha / lora.rank,
+                   transposed=model_type in TRANSPOSED, model_type=model_type, dropout=lora.dropout)
 
     # ---- pure functions over parameter trees ------------------------------------------------
     def _in_out(self, shape) -> tuple[int, int]:
@@ -163,9 +166,10 @@ class Adaptation:
             trainable.update({tuple(p.split("/")): v for p, v in adapters.items()})
         return unflatten_dict(trainable), unflatten_dict(frozen)
 
-    def effective(self, trainable: dict, frozen: dict) -> dict:
+    def effective(self, trainable: dict, frozen: dict, merge: bool = True) -> dict:
         """The full parameters the model runs with: frozen and trained leaves together, every
-        target kernel plus its scaled low-rank update. Pure; jit it or call it inside the loss."""
+        target kernel plus its scaled low-rank update (``merge=False``: the base kernels, for
+        ``branches``). Pure; jit it or call it inside the loss."""
         flat = flatten_dict(frozen)
         adapters = {}
         for k, v in flatten_dict(trainable).items():
@@ -173,12 +177,37 @@ class Adaptation:
                 adapters[k] = v
             else:
                 flat[k] = v
-        for target in self.targets:
+        for target in self.targets if merge else ():
             key = tuple(target.split("/"))
             w = flat[key]
             delta = adapters[key[:-1] + ("lora_a",)] @ adapters[key[:-1] + ("lora_b",)]
             flat[key] = w + (self.scale * (delta.T if self.transposed else delta)).astype(w.dtype)
         return unflatten_dict(flat)
+
+    @contextlib.contextmanager
+    def branches(self, trainable: dict, rng: jax.Array):
+        """LoRA with dropout, as PEFT computes it: while active, every target module's output gets
+        ``scale · dropout(x)·A·B`` added (a flax method interceptor, matching modules by their
+        parameter path), so the model must run with the unmerged ``effective(..., merge=False)``.
+        Dropout on the input has no merged-weight form; without dropout the two are equal."""
+        flat = flatten_dict(trainable)
+        pairs = {tuple(t.split("/")[:-1]): i for i, t in enumerate(self.targets)}
+
+        def add_branch(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            scope = getattr(context.module, "scope", None)
+            i = pairs.get(tuple(scope.path)) if context.method_name == "__call__" and scope is not None else None
+            if i is None:
+                return out
+            module, x = tuple(self.targets[i].split("/")[:-1]), args[0]
+            if self.dropout > 0:
+                keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - self.dropout, x.shape)
+                x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
+            update = (x.astype(jnp.float32) @ flat[module + ("lora_a",)]) @ flat[module + ("lora_b",)]
+            return out + (self.scale * update).astype(out.dtype)
+
+        with nn.intercept_methods(add_branch):
+            yield
 
     def sharding_rules(self, rules: list) -> list:
         """Partition rules for the adapter pairs, derived from the kernels' own rules and put first:

@@ -179,9 +179,13 @@ class Trainer:
                  else contextlib.nullcontext)
 
         def loss_fn(params, batch, rng, frozen=None):
-            if adaptation is not None:
-                params = adaptation.effective(params, frozen)
-            with remat():
+            branches = contextlib.nullcontext()
+            if adaptation is not None:  # LoRA dropout: adapters as separate branches, as in PEFT
+                unmerged = bool(adaptation.dropout and args.dropout)
+                if unmerged:
+                    branches = adaptation.branches(params, jax.random.fold_in(rng, 2**31 - 1))
+                params = adaptation.effective(params, frozen, merge=not unmerged)
+            with remat(), branches:
                 return task.loss(model, params, batch, rng, train=args.dropout)
 
         return loss_fn

@@ -1,5 +1,6 @@
 """LoRA and frozen parameters: pure functions, the shared loop, sharding, resume and PEFT's format."""
 
+import dataclasses
 import json
 
 import jax
@@ -35,7 +36,7 @@ def _bert_shapes():
     ("model.lora.rank=0", "'model.lora.rank': must be > 0"),
     ('model.lora.targets=["(query"]', "'model.lora.targets': regex '\\(query' does not compile"),
     ('model.freeze=["[bert"]', "'model.freeze': regex"),
-    ("model.lora.dropout=0.1", "only 0.0"),
+    ("model.lora.dropout=1.0", "'model.lora.dropout': must be in \\[0, 1\\)"),
     ("model.lora.rnk=4", "unknown config key 'model.lora.rnk'; did you mean 'model.lora.rank'"),
 ])
 def test_bad_lora_config_fails_at_load_with_one_line(override, message):
@@ -72,6 +73,25 @@ def test_effective_weights_start_at_the_base_and_add_scaled_low_rank_update():
     kernel = _flat(adapt.effective(trainable, frozen))["/".join(QUERY) + "/kernel"]
     np.testing.assert_allclose(kernel, _flat(params)["/".join(QUERY) + "/kernel"] + 2.0 * lora_a @ np.ones((4, 16)),
                                rtol=1e-6)
+
+
+def test_unmerged_branches_equal_the_merged_weights_and_dropout_drops():
+    model, params = _bert_shapes()
+    cfg = ModelConfig(lora=LoraConfig(rank=4, alpha=8, dropout=0.5))
+    adapt = Adaptation.build(cfg, "bert", params, {k: v for k, v in params.items() if k != "classifier"})
+    trainable, frozen = adapt.split(params, jax.random.PRNGKey(0))
+    trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape), trainable)
+    ids = jnp.array([[2, 7, 9, 11, 3]])
+    merged = model(ids, params=adapt.effective(trainable, frozen)).logits
+    base = model(ids, params=adapt.effective(trainable, frozen, merge=False)).logits
+    no_dropout = dataclasses.replace(adapt, dropout=0.0)
+    with no_dropout.branches(trainable, jax.random.PRNGKey(2)):
+        branched = model(ids, params=no_dropout.effective(trainable, frozen, merge=False)).logits
+    np.testing.assert_allclose(branched, merged, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(merged - base)).max() > 1e-3  # the adapters are really there
+    with adapt.branches(trainable, jax.random.PRNGKey(2)):
+        dropped = model(ids, params=adapt.effective(trainable, frozen, merge=False)).logits
+    assert np.abs(np.asarray(dropped - merged)).max() > 1e-4
 
 
 # ---- the shared loop -----------------------------------------------------------------------------
@@ -168,6 +188,14 @@ def test_peft_round_trip_for_causal_lm_families(family, tmp_path):
     flax_logits = np.asarray(flax_model(ids, params=merged).logits)
     assert np.abs(flax_logits - np.asarray(flax_model(ids, params=params).logits)).max() > 1e-3  # adapter matters
     np.testing.assert_allclose(torch_logits, flax_logits, atol=1e-4)
+
+
+def test_lora_with_dropout_trains(tiny_model, data, tmp_path):
+    _, _, results, losses = _train(tiny_model, data, tmp_path / "run", **{
+        "model.lora": "{rank: 4, alpha: 8, dropout: 0.1}", "training.dropout": "true"})
+    assert np.isfinite(losses).all() and losses[-3:].mean() < losses[:3].mean()
+    config = json.loads((tmp_path / "run" / "export" / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.1
 
 
 def test_freeze_trains_only_the_head(tiny_model, data, tmp_path):
