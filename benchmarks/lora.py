@@ -81,9 +81,9 @@ def summary(runs: list[dict]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cls-train", type=int, default=128)
-    p.add_argument("--ner-train", type=int, default=128)
-    p.add_argument("--eval", type=int, default=64)
+    p.add_argument("--cls-train", type=int, default=96)
+    p.add_argument("--ner-train", type=int, default=64)
+    p.add_argument("--eval", type=int, default=32)
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
@@ -92,8 +92,19 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ftjax-lora-bench-"))
     runs = []
-    for task in args.tasks:
-        for repeat in range(args.repeats):
+
+    def write() -> Path:
+        record = {"args": vars(args), "machine": {**machine(), "loadavg_at_end": os.getloadavg(),
+                                                  "note": "shared 2-core CPU VM, other jobs running"},
+                  "summary": summary(runs), "runs": runs,
+                  "command": "python benchmarks/lora.py " + " ".join(sys.argv[1:])}
+        if not args.output:
+            return save("lora", record)
+        Path(args.output).write_text(json.dumps(record, indent=2))
+        return Path(args.output)
+
+    for repeat in range(args.repeats):
+        for task in args.tasks:
             order = ("full", "lora") if repeat % 2 == 0 else ("lora", "full")  # alternate who goes first
             for method in order:
                 runs.append(run(task, method, args, tmp / f"{task}-{method}-{repeat}"))
@@ -101,6 +112,7 @@ def main() -> None:
                 print(f"{task} {method} #{repeat}: {r['train_examples_per_s']:.1f} ex/s, "
                       f"{r['quality']:.3f} {r['metric']}, {r['peak_rss_mb']:.0f} MB, load {r['loadavg_before'][0]:.1f}",
                       flush=True)
+                write()  # after every run: a cut-short benchmark keeps what it measured
     rows = summary(runs)
     fmt = lambda r, k: f"{r[k]:.4g} ({r[k + '_range'][0]:.4g}-{r[k + '_range'][1]:.4g})"  # noqa: E731
     shown = [{"task": r["task"], "method": r["method"], "trainable params": r["trainable_parameters"],
@@ -111,14 +123,7 @@ def main() -> None:
     columns = ["task", "method", "trainable params", "optimizer state MB", "examples/s", "peak RSS MB",
                "f1_macro", "f1", "ex/s lora/full", "RSS lora/full"]
     print(table(shown, [c for c in columns if any(c in s for s in shown)]))
-    record = {"args": vars(args), "machine": {**machine(), "loadavg_at_end": os.getloadavg(),
-                                              "note": "shared 2-core CPU VM, other jobs running"},
-              "summary": rows, "runs": runs, "command": "python benchmarks/lora.py " + " ".join(sys.argv[1:])}
-    if args.output:
-        Path(args.output).write_text(json.dumps(record, indent=2))
-        print(f"wrote {args.output}")
-    else:
-        print(f"wrote {save('lora', record)}")
+    print(f"wrote {write()}")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def _train(tiny_model, data, out, **extra):
     trainer = Trainer(load_config(None, tiny_overrides(
         tiny_model, data, out, **{"training.max_steps": 8, "training.logging_steps": 1, "training.dropout": "false",
                                   "training.eval_strategy": "no", "training.save_strategy": "no",
-                                  "training.learning_rate": 1e-2, **extra})))
+                                  "training.learning_rate": 1e-2, "training.lr_scheduler_type": "constant",
+                                  **extra})))  # constant: a 4-step run is the first half of an 8-step one
     base = _flat(trainer.model.params)
     results = trainer.train()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -112,10 +113,13 @@ def data(tmp_path_factory):
     return str(write_sentiment_csv(tmp_path_factory.mktemp("lora") / "reviews.csv"))
 
 
+SAVE_AT_4 = {"training.save_strategy": "steps", "training.save_steps": 4}
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
-    return _train(tiny_model, data, out / "run", **{"model.lora": "{rank: 4, alpha: 8}"}) + (out / "run",)
+    return _train(tiny_model, data, out / "run", **{"model.lora": "{rank: 4, alpha: 8}", **SAVE_AT_4}) + (out / "run",)
 
 
 def test_lora_trains_only_adapters_and_the_new_head(lora_run):
@@ -209,10 +213,9 @@ def test_freeze_trains_only_the_head(tiny_model, data, tmp_path):
     assert losses[-3:].mean() < losses[:3].mean()
 
 
-def test_lora_resume_ends_with_the_same_adapters(tiny_model, data, tmp_path):
-    lora = {"model.lora": "{rank: 4}", "training.save_strategy": "steps", "training.save_steps": 4,
-            "training.lr_scheduler_type": "constant"}  # the same schedule in a 4-step and an 8-step run
-    straight = _train(tiny_model, data, tmp_path / "straight", **lora)[0]
+def test_lora_resume_ends_with_the_same_adapters(tiny_model, data, lora_run, tmp_path):
+    straight = lora_run[0]  # 8 steps in one go
+    lora = {"model.lora": "{rank: 4, alpha: 8}", **SAVE_AT_4}
     _train(tiny_model, data, tmp_path / "resumed", **lora, **{"training.max_steps": 4})
     resumed = _train(tiny_model, data, tmp_path / "resumed", **lora,
                      **{"training.resume_from_checkpoint": "latest", "training.max_steps": 8})[0]
