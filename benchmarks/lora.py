@@ -37,8 +37,9 @@ def run(task: str, method: str, args, out: Path) -> dict:
                  f"data.max_eval_samples={args.eval}", "training.num_train_epochs=1",
                  f"training.learning_rate={args.lora_lr if method == 'lora' else args.full_lr}",
                  "training.eval_strategy=no", "training.save_strategy=no", "training.load_best_model_at_end=false",
-                 "training.export_pytorch=false", "training.disable_tqdm=true", "training.report_to=[]",
-                 "training.overwrite_output_dir=true", "training.warmup_ratio=0.1"]
+                 "training.export_pytorch=false", "training.disable_tqdm=true", "training.report_to=[jsonl]",
+                 "training.logging_steps=1", "training.overwrite_output_dir=true", "training.warmup_ratio=0.1",
+                 f"data.bucket_lengths=[{args.length}]", f"model.max_length={args.length}"]  # one shape: one compile
     if method == "lora":
         overrides.append(f"model.lora={{rank: {args.rank}, alpha: {2 * args.rank}}}")
     load_before = os.getloadavg()
@@ -46,10 +47,21 @@ def run(task: str, method: str, args, out: Path) -> dict:
     res = json.loads((out / "results.json").read_text())
     train = res["train"]
     return {"task": task, "method": method, "train_examples_per_s": train["train_examples_per_second"],
+            "steady_examples_per_s": steady_throughput(out, train),
             "trainable_parameters": train.get("trainable_parameters"),
             "optimizer_state_mb": train.get("optimizer_state_bytes", 0) / 2**20, "peak_rss_mb": rss,
             "quality": res["validation"][metric], "metric": metric, "train_s": train["train_runtime_s"],
             "wall_s": wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+
+
+def steady_throughput(out: Path, train: dict) -> float:
+    """Examples/s after the first step (which compiles): the log's cumulative rate at step k is
+    E_k / T_k with E_k = k x the mean batch, so (E_n - E_1) / (T_n - T_1)."""
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rates = [(r["step"], r["train/examples_per_second"]) for r in log if "train/examples_per_second" in r]
+    (k1, r1), (kn, rn) = rates[0], rates[-1]
+    batch = train["train_examples"] / train["global_step"]
+    return (kn - k1) * batch / (kn * batch / rn - k1 * batch / r1)
 
 
 def summary(runs: list[dict]) -> list[dict]:
@@ -63,7 +75,7 @@ def summary(runs: list[dict]) -> list[dict]:
             row = {"task": task, "method": method, "metric": mine[0]["metric"],
                    "trainable_parameters": mine[0]["trainable_parameters"],
                    "optimizer_state_mb": mine[0]["optimizer_state_mb"]}
-            for key in ("train_examples_per_s", "peak_rss_mb", "quality"):
+            for key in ("train_examples_per_s", "steady_examples_per_s", "peak_rss_mb", "quality"):
                 values = [r[key] for r in mine]
                 row[key] = statistics.median(values)
                 row[key + "_range"] = (min(values), max(values))
@@ -71,7 +83,7 @@ def summary(runs: list[dict]) -> list[dict]:
         pairs = list(zip([r for r in runs if r["task"] == task and r["method"] == "full"],
                          [r for r in runs if r["task"] == task and r["method"] == "lora"]))
         if pairs:
-            for key in ("train_examples_per_s", "peak_rss_mb"):
+            for key in ("train_examples_per_s", "steady_examples_per_s", "peak_rss_mb"):
                 ratios = [lo[key] / fu[key] for fu, lo in pairs]
                 rows[-1][key + "_lora_over_full"] = statistics.median(ratios)
                 rows[-1][key + "_lora_over_full_range"] = (min(ratios), max(ratios))
@@ -81,8 +93,9 @@ def summary(runs: list[dict]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cls-train", type=int, default=96)
-    p.add_argument("--ner-train", type=int, default=64)
+    p.add_argument("--cls-train", type=int, default=160)
+    p.add_argument("--ner-train", type=int, default=96)
+    p.add_argument("--length", type=int, default=64, help="max_length and the one bucket")
     p.add_argument("--eval", type=int, default=32)
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--lora-lr", type=float, default=1e-3)
@@ -117,11 +130,13 @@ def main() -> None:
     fmt = lambda r, k: f"{r[k]:.4g} ({r[k + '_range'][0]:.4g}-{r[k + '_range'][1]:.4g})"  # noqa: E731
     shown = [{"task": r["task"], "method": r["method"], "trainable params": r["trainable_parameters"],
               "optimizer state MB": r["optimizer_state_mb"], "examples/s": fmt(r, "train_examples_per_s"),
+              "steady examples/s": fmt(r, "steady_examples_per_s"),
               "peak RSS MB": fmt(r, "peak_rss_mb"), r["metric"]: fmt(r, "quality"),
               "ex/s lora/full": r.get("train_examples_per_s_lora_over_full"),
+              "steady lora/full": r.get("steady_examples_per_s_lora_over_full"),
               "RSS lora/full": r.get("peak_rss_mb_lora_over_full")} for r in rows]
-    columns = ["task", "method", "trainable params", "optimizer state MB", "examples/s", "peak RSS MB",
-               "f1_macro", "f1", "ex/s lora/full", "RSS lora/full"]
+    columns = ["task", "method", "trainable params", "optimizer state MB", "examples/s", "steady examples/s",
+               "peak RSS MB", "f1_macro", "f1", "ex/s lora/full", "steady lora/full", "RSS lora/full"]
     print(table(shown, [c for c in columns if any(c in s for s in shown)]))
     print(f"wrote {write()}")
 
