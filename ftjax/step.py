@@ -55,20 +55,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       grad_accum_steps: when > 1, every batch leaf has a leading microbatch axis of this size and
         gradients are summed over it with ``lax.scan`` before one optimizer update.
 
+    ``train_step(state, batch, *frozen)`` passes any further arguments (parameters that do not
+    train, such as LoRA's frozen base weights) to ``loss_fn(params, batch, rng, *frozen)``.
+
     Returns:
       A pure function; jit it with in/out shardings and ``donate_argnums=0``.
       ``metrics`` holds ``loss`` (mean over weight), ``weight`` and ``grad_norm``.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, *frozen):
         rng = jax.random.fold_in(state.rng, state.step)
         if grad_accum_steps == 1:
-            (loss_sum, weight), grads = grad_fn(state.params, batch, rng)
+            (loss_sum, weight), grads = grad_fn(state.params, batch, rng, *frozen)
         else:
             def micro(carry, xs):
                 i, mb = xs
-                (l, w), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                (l, w), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), *frozen)
                 acc_l, acc_w, acc_g = carry
                 return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
 

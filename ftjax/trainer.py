@@ -36,6 +36,7 @@ from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.loading import load_splits, subsample
 from ftjax.errors import FtjaxError
+from ftjax.lora import Adaptation, export_peft
 from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
                           place_params)
 from ftjax.optim import make_optimizer
@@ -101,6 +102,9 @@ class Trainer:
         self.data_seconds = time.perf_counter() - started  # loading, checks, tokenization, packing
         self.model, weights = self.task.load_model(model_cfg, self.args.bf16, self.tokenizer, seed=self.args.seed,
                                                    **(self.task.model_kwargs() if with_data else {}))
+        # model.lora / model.freeze: what trains (None: everything); a trained model runs merged.
+        self.adaptation = None if model_path else Adaptation.build(
+            model_cfg, self.model.config.model_type, abstract_params(self.model), weights)
         attach_params(self.model, self.place_params(weights))  # sharded from birth
         if not with_data:
             self.task.labels_from_model(self.model.config)
@@ -155,7 +159,10 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def param_shardings(self, tree):
         m = self.config.mesh
-        return S.tree_shardings(tree, self.mesh, m.fsdp_min_size, m.rules or None)
+        rules = m.rules or S.DEFAULT_TP_RULES
+        if getattr(self, "adaptation", None) is not None:  # LoRA pairs follow their kernels' rules
+            rules = self.adaptation.sharding_rules(rules)
+        return S.tree_shardings(tree, self.mesh, m.fsdp_min_size, rules)
 
     def place_params(self, weights):
         """The model's parameters created in, or sent leaf by leaf to, their partition-rule shardings
@@ -163,15 +170,22 @@ class Trainer:
         return place_params(self.model, weights, self.param_shardings(abstract_params(self.model)))
 
     @staticmethod
-    def loss_fn(task: Task, model, args) -> Callable:
-        """``loss_fn(params, batch, rng)`` for ``make_train_step``: the task's loss (dropout as
-        ``args.dropout`` says), its layers rematerialised when ``args.gradient_checkpointing``.
-        Shared with ``ftjax plan``, which compiles the same step."""
+    def loss_fn(task: Task, model, args, adaptation: Optional[Adaptation] = None) -> Callable:
+        """``loss_fn(params, batch, rng, frozen)`` for ``make_train_step``: the task's loss (dropout as
+        ``args.dropout`` says), its layers rematerialised when ``args.gradient_checkpointing``; with
+        an ``adaptation`` the model runs with ``adaptation.effective(params, frozen)`` (LoRA merged
+        here, inside the step). Shared with ``ftjax plan``, which compiles the same step."""
         remat = (gradient_checkpointing(model, args.remat_policy) if args.gradient_checkpointing
                  else contextlib.nullcontext)
 
-        def loss_fn(params, batch, rng):
-            with remat():
+        def loss_fn(params, batch, rng, frozen=None):
+            branches = contextlib.nullcontext()
+            if adaptation is not None:  # LoRA dropout: adapters as separate branches, as in PEFT
+                unmerged = bool(adaptation.dropout and args.dropout)
+                if unmerged:
+                    branches = adaptation.branches(params, jax.random.fold_in(rng, 2**31 - 1))
+                params = adaptation.effective(params, frozen, merge=not unmerged)
+            with remat(), branches:
                 return task.loss(model, params, batch, rng, train=args.dropout)
 
         return loss_fn
@@ -185,6 +199,11 @@ class Trainer:
         params = self.model.params
         replicated = NamedSharding(self.mesh, P())
         rng = jax.random.PRNGKey(self.args.seed)
+        self.frozen = {}  # parameters outside the train state: no gradients, no optimizer state
+        if self.adaptation is not None:
+            self._merge = jax.jit(self.adaptation.effective, out_shardings=self.param_shardings(params))
+            params, self.frozen = self.adaptation.split(params, jax.random.fold_in(rng, 1))
+            params = jax.device_put(params, self.param_shardings(params))  # the new adapters onto their shards
         abstract = jax.eval_shape(lambda p: TrainState.create(p, self.tx, rng), params)
         self.state_shardings = TrainState(step=replicated, params=self.param_shardings(params),
                                           opt_state=self.param_shardings(abstract.opt_state), rng=replicated)
@@ -199,12 +218,16 @@ class Trainer:
         self.model._params = None  # the state owns the parameters now
         accum = self.args.gradient_accumulation_steps
         self.train_step = jax.jit(
-            make_train_step(self.loss_fn(self.task, self.model, self.args), self.tx, accum),
-            in_shardings=(self.state_shardings, S.batch_sharding(self.mesh, 1 if accum > 1 else 0)),
+            make_train_step(self.loss_fn(self.task, self.model, self.args, self.adaptation), self.tx, accum),
+            in_shardings=(self.state_shardings, S.batch_sharding(self.mesh, 1 if accum > 1 else 0),
+                          *((self.param_shardings(self.frozen),) if self.adaptation else ())),
             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
 
     def params(self):
-        return self.state.params if self.state is not None else self.model.params
+        """The full parameters the model runs with (under LoRA: merged, in a jitted function)."""
+        if self.state is None:
+            return self.model.params
+        return self._merge(self.state.params, self.frozen) if self.adaptation else self.state.params
 
     # ---------------------------------------------------------------- evaluation
     def _outputs(self, batcher: Batcher) -> dict[str, np.ndarray]:
@@ -358,7 +381,7 @@ class Trainer:
                 batches = self._device_batches(self.batcher("train"), progress.epoch, progress.position,
                                                self.steps_per_epoch, args.gradient_accumulation_steps, train=True)
                 for batch in batches:
-                    self.state, metrics = self.train_step(self.state, batch)
+                    self.state, metrics = self.train_step(self.state, batch, *([self.frozen] if self.adaptation else []))
                     self.step += 1
                     progress.position += 1
                     if progress.position == self.steps_per_epoch:
@@ -485,14 +508,21 @@ class Trainer:
             "compiles": {"train_step": self.train_step._cache_size(),
                          "eval_step": self._eval_step._cache_size() if self._eval_step else 0},
             "stopped_by": stopped_by, "best_step": p.best_step, "best_metric": p.best_metric,
-            "mesh": dict(self.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend()}}
+            "mesh": dict(self.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend(),
+            "trainable_parameters": _size(self.state.params), "frozen_parameters": _size(self.frozen),
+            "optimizer_state_bytes": _size(self.state.opt_state, in_bytes=True)}}
         for split in ("validation", "test"):
             if split in self.splits:
                 results[split] = (self._evals.get(final_step) if split == "validation" else None) \
                     or self.evaluate(split)
-        host_params = jax.tree.map(to_host, self.state.params)  # collective: every process takes part
+        host_params = jax.tree.map(to_host, self.params())  # collective: every process takes part
+        adapter = jax.tree.map(to_host, self.state.params) if self.adaptation and self.adaptation.targets else None
         if self.is_main:
             export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export")
+            if adapter is not None:  # and the adapter alone, in PEFT's format
+                lora = self.config.model.lora
+                export_peft(self.adaptation, adapter, self.output_dir / "export" / "adapter", self.task.auto_class,
+                            self.config.model.name_or_path, lora.alpha, lora.dropout)
             if self.args.export_pytorch:
                 results["train"]["pytorch_export"] = export_pytorch(self.output_dir / "export", self.task.auto_class)
             self.logger.plot(self.output_dir / "loss.png")
@@ -524,3 +554,8 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / name).write_text(json.dumps(value, indent=2, default=str))
+
+
+def _size(tree, in_bytes: bool = False) -> int:
+    """Elements (or bytes) of the arrays in a pytree."""
+    return int(sum(x.size * (x.dtype.itemsize if in_bytes else 1) for x in jax.tree.leaves(tree) if hasattr(x, "size")))
