@@ -180,3 +180,28 @@ def test_tokenization_and_packing_show_examples_per_second(tokenizer, lee_texts,
     finally:
         streaming.tqdm = original
     assert "stream: tokenize + pack" in buffer.getvalue() and "examples/s" in buffer.getvalue()
+
+
+def test_two_processes_stream_and_resume_exactly(tiny_model, tmp_path):
+    """2 processes x 1 device: each streams its share; a run resumed from the step-2 checkpoint of
+    another gets the same losses at steps 3-4 (every process back at its own stream position)."""
+    from test_multihost import _launch
+    config = tmp_path / "config.yaml"
+    config.write_text("task: mlm\n")
+    base = lm_overrides(tiny_model, tmp_path / "unused", **{
+        "data.streaming": "true", "data.shuffle_buffer": 32, "data.max_eval_samples": 6,
+        "training.max_steps": 4, "training.logging_steps": 1, "training.per_device_train_batch_size": 2,
+        "training.save_strategy": "steps", "training.save_steps": 2, "training.save_total_limit": "null",
+        "mesh.data": -1})
+    base = [o for o in base if not o.startswith("training.output_dir=")]
+
+    def losses(out):
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        return np.array([r["train/loss"] for r in log if "train/loss" in r])
+
+    _launch(2, 1, str(config), [f"training.output_dir={tmp_path / 'whole'}", *base])
+    _launch(2, 1, str(config), [f"training.output_dir={tmp_path / 'resumed'}", *base,
+                                f"training.resume_from_checkpoint={tmp_path / 'whole' / 'checkpoints' / '2'}"])
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert len(whole) == 4 and len(resumed) == 2
+    np.testing.assert_allclose(resumed, whole[2:], rtol=1e-6)
