@@ -66,7 +66,8 @@ class TimedOut(Exception):
     pass
 
 
-def measured_run(argv: list[str], env: dict, first_step_file: Path, timeout_s: float | None) -> tuple[float, float, float]:
+def measured_run(argv: list[str], env: dict, first_step_file: Path,
+                 timeout_s: float | None) -> tuple[float, float, float]:
     """Runs ``argv`` in its own process group under a wrapper that reports the child's peak RSS (MB);
     returns (peak RSS, wall seconds, seconds until ``first_step_file`` (the run's log) has a line,
     i.e. the end of the first train step). Kills the group after ``timeout_s``."""
