@@ -2,6 +2,7 @@
 
     python benchmarks/data_scale.py                         # 4, 40, 200 MB (and --sizes-mb 1000)
     python benchmarks/data_scale.py --before PATH           # also a checkout of the old code
+    python benchmarks/data_scale.py --streaming --repeats 3 # + data.streaming runs, tokens/s medians
 
 Each corpus is built from the offline assets (the gensim Wikipedia sample and Lee news texts,
 repeated with varied document ids) as one document a line. For each size, `ftjax train
@@ -10,7 +11,12 @@ an empty cache (first run: loading, tokenization and packing) and again with the
 (the tokenized / packed Arrow files are reused). Printed and written to
 benchmarks/results/data_scale.json: peak RSS, data preparation time, tokenization tokens/s and
 training tokens/s. ``--before`` runs the first-run measurement with another checkout of ftjax on
-PYTHONPATH (e.g. the commit before Arrow-backed batching) for the side-by-side.
+PYTHONPATH (e.g. the commit before Arrow-backed batching) for the side-by-side. ``--streaming`` adds a
+``data.streaming: true`` run per size (peak RSS, time to first step, training tokens/s).
+``--repeats N`` repeats the training runs (cached Arrow / before / streaming, alternating) N times on
+corpora up to ``--repeat-max-mb`` and reports the median training tokens/s with its spread.
+``--timeout-s`` gives up a run that takes longer (the row says so). The load average of the machine
+is recorded with every row: on a shared machine the tokens/s columns move with the other jobs.
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, measured, save, table  # noqa: E402
+from common import ROOT, machine, save, table  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "mlm-minilm-lee.yaml")
 WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -51,12 +62,54 @@ def write_corpus(path: Path, megabytes: float, docs: list[str]) -> int:
     return n
 
 
-def run(corpus: Path, out: Path, cache: Path, pythonpath: str | None = None) -> dict:
+class TimedOut(Exception):
+    pass
+
+
+def measured_run(argv: list[str], env: dict, first_step_file: Path,
+                 timeout_s: float | None) -> tuple[float, float, float]:
+    """Runs ``argv`` in its own process group under a wrapper that reports the child's peak RSS (MB);
+    returns (peak RSS, wall seconds, seconds until ``first_step_file`` (the run's log) has a line,
+    i.e. the end of the first train step). Kills the group after ``timeout_s``."""
+    wrapper = ("import os, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+               "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
+               "file=sys.stderr); sys.exit(p.returncode)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
+    first = {}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT, start_new_session=True)
+
+    def watch():
+        while proc.poll() is None and "t" not in first:
+            if first_step_file.is_file() and first_step_file.stat().st_size > 0:
+                first["t"] = time.perf_counter() - start
+            time.sleep(0.1)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and its child: this benchmark's own group
+        proc.communicate()
+        raise TimedOut(f"gave up after {timeout_s:.0f} s") from None
+    wall = time.perf_counter() - start
+    watcher.join()
+    if proc.returncode != 0:
+        sys.stderr.write(err[-4000:])
+        raise SystemExit(f"benchmark child failed: {' '.join(argv[:4])} ...")
+    return float(err.strip().splitlines()[-1].split()[-1]), wall, first.get("t")
+
+
+def run(corpus: Path, out: Path, cache: Path, pythonpath: str | None = None, streaming: bool = False,
+        timeout_s: float | None = None) -> dict:
     overrides = [f"data.train_file={corpus}", f"training.output_dir={out}", "training.overwrite_output_dir=true",
                  f"training.max_steps={STEPS}", f"training.per_device_train_batch_size={BATCH}",
                  f"task_options.block_size={BLOCK}", "training.eval_strategy=no", "training.save_strategy=no",
                  "data.max_eval_samples=50", "training.export_pytorch=false", "training.disable_tqdm=true",
-                 "training.report_to=[jsonl]", f"data.cache_dir={cache}", "mesh.data=1"]
+                 "training.report_to=[jsonl]", "training.logging_steps=1", f"data.cache_dir={cache}", "mesh.data=1"]
+    if streaming:
+        overrides.append("data.streaming=true")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HF_DATASETS_CACHE": str(cache / "hf")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -67,10 +120,20 @@ def run(corpus: Path, out: Path, cache: Path, pythonpath: str | None = None) -> 
     launcher = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
                 f"repr(f).lower()]; sys.path.insert(0, {str(pythonpath or ROOT)!r}); "
                 "runpy.run_module('ftjax.cli', run_name='__main__')")
-    _, peak, wall = measured([sys.executable, "-c", launcher, "train", config, *overrides], env=env)
+    if out.exists():
+        for old in out.glob("log.jsonl"):
+            old.unlink()
+    peak, wall, first_step = measured_run([sys.executable, "-c", launcher, "train", config, *overrides], env,
+                                          out / "log.jsonl", timeout_s)
     results = json.loads((out / "results.json").read_text())["train"]
-    return {"peak_rss_mb": peak, "wall_s": wall, "data_preparation_s": results.get("data_preparation_s"),
+    return {"peak_rss_mb": peak, "wall_s": wall, "first_step_s": first_step,
+            "data_preparation_s": results.get("data_preparation_s"),
             "train_tokens_per_s": results["train_examples_per_second"] * BLOCK}
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def main() -> None:
@@ -78,6 +141,11 @@ def main() -> None:
     p.add_argument("--sizes-mb", type=float, nargs="+", default=[4, 40, 200])
     p.add_argument("--before", help="another ftjax checkout to measure the same first run with")
     p.add_argument("--before-max-mb", type=float, default=200, help="largest corpus for --before (memory)")
+    p.add_argument("--streaming", action="store_true", help="also a data.streaming: true run per size")
+    p.add_argument("--repeats", type=int, default=1, help="alternating training runs for the tokens/s medians")
+    p.add_argument("--repeat-max-mb", type=float, default=4, help="largest corpus for --repeats")
+    p.add_argument("--timeout-s", type=float, default=None, help="give up a run after this many seconds")
+    p.add_argument("--out", default="data_scale", help="results file name under benchmarks/results")
     args = p.parse_args()
     docs = documents()
     rows = []
@@ -87,28 +155,69 @@ def main() -> None:
             corpus = tmp / f"corpus-{mb:g}mb.txt"
             n_docs = write_corpus(corpus, mb, docs)
             cache = tmp / f"cache-{mb:g}"
-            first = run(corpus, tmp / "out", cache)
-            again = run(corpus, tmp / "out", cache)
-            row = {"corpus_mb": mb, "documents": n_docs, "peak_rss_mb": first["peak_rss_mb"],
-                   "cached_peak_rss_mb": again["peak_rss_mb"], "prep_s": first["data_preparation_s"],
-                   "cached_prep_s": again["data_preparation_s"],
-                   "tokenize_mb_per_s": mb / first["data_preparation_s"],
-                   "train_tokens_per_s": first["train_tokens_per_s"]}
+            row = {"corpus_mb": mb, "documents": n_docs, "loadavg_start": os.getloadavg()}
+            try:
+                first = run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
+                again = run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
+                row.update(peak_rss_mb=first["peak_rss_mb"], cached_peak_rss_mb=again["peak_rss_mb"],
+                           prep_s=first["data_preparation_s"], cached_prep_s=again["data_preparation_s"],
+                           first_step_s=first["first_step_s"], cached_first_step_s=again["first_step_s"],
+                           tokenize_mb_per_s=mb / first["data_preparation_s"],
+                           train_tokens_per_s=again["train_tokens_per_s"])
+            except TimedOut as e:
+                row["arrow"] = str(e)
+                again = None
+            kinds = {}
+            if again is not None:
+                kinds["arrow"] = lambda: run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
             if args.before and mb <= args.before_max_mb:
-                before = run(corpus, tmp / "out-before", tmp / f"cache-before-{mb:g}", pythonpath=args.before)
-                row.update(before_peak_rss_mb=before["peak_rss_mb"], before_prep_s=before["data_preparation_s"],
-                           before_train_tokens_per_s=before["train_tokens_per_s"])
+                kinds["before"] = lambda: run(corpus, tmp / "out-before", tmp / f"cache-before-{mb:g}",
+                                              pythonpath=args.before, timeout_s=args.timeout_s)
+            if args.streaming:
+                kinds["streaming"] = lambda: run(corpus, tmp / "out-stream", tmp / f"cache-stream-{mb:g}",
+                                                 streaming=True, timeout_s=args.timeout_s)
+            tokens = {k: [] for k in kinds}
+            if again is not None:
+                tokens["arrow"].append(again["train_tokens_per_s"])
+            repeats = args.repeats if mb <= args.repeat_max_mb else 1
+            for i in range(repeats):  # alternating, so a change of load hits every kind alike
+                for kind, fn in kinds.items():
+                    if kind == "arrow" and i == 0:
+                        continue  # the cached run above is the first
+                    try:
+                        r = fn()
+                    except TimedOut as e:
+                        row[kind] = str(e)
+                        continue
+                    tokens[kind].append(r["train_tokens_per_s"])
+                    if i == 0 and kind == "before":
+                        row.update(before_peak_rss_mb=r["peak_rss_mb"], before_prep_s=r["data_preparation_s"],
+                                   before_first_step_s=r["first_step_s"])
+                    if i == 0 and kind == "streaming":
+                        row.update(stream_peak_rss_mb=r["peak_rss_mb"], stream_first_step_s=r["first_step_s"])
+            for kind, values in tokens.items():
+                if values:
+                    prefix = "" if kind == "arrow" else f"{kind}_"
+                    row[f"{prefix}train_tokens_per_s"] = statistics.median(values)
+                    if len(values) > 1:
+                        row[f"{prefix}train_tokens_per_s_spread"] = spread(values)
+            if "train_tokens_per_s_spread" in row and "before_train_tokens_per_s_spread" in row:
+                pairs = [a / b for a, b in zip(tokens["arrow"], tokens["before"])]
+                row["after_over_before_tokens_per_s"] = spread(pairs)
+            row["loadavg_end"] = os.getloadavg()
             rows.append(row)
             print(json.dumps(row), flush=True)
             for path in cache.glob("**/*"):  # keep the disk small between sizes
                 if path.is_file():
                     path.unlink()
             os.remove(corpus)
-    columns = ["corpus_mb", "documents", "peak_rss_mb", "before_peak_rss_mb", "prep_s", "cached_prep_s",
-               "before_prep_s", "tokenize_mb_per_s", "train_tokens_per_s", "before_train_tokens_per_s"]
+    columns = ["corpus_mb", "documents", "peak_rss_mb", "before_peak_rss_mb", "stream_peak_rss_mb", "prep_s",
+               "cached_prep_s", "before_prep_s", "first_step_s", "cached_first_step_s", "stream_first_step_s",
+               "tokenize_mb_per_s", "train_tokens_per_s", "before_train_tokens_per_s", "streaming_train_tokens_per_s"]
     print(table(rows, columns))
-    path = save("data_scale", {"machine": machine(), "steps": STEPS, "batch": BATCH, "block": BLOCK,
-                               "rows": rows, "command": " ".join(sys.argv)})
+    path = save(args.out, {"machine": {**machine(), "shared": "2-core CPU VM shared with other jobs (see loadavg)"},
+                           "steps": STEPS, "batch": BATCH, "block": BLOCK, "rows": rows,
+                           "command": " ".join(sys.argv)})
     print(f"written {path}")
 
 

@@ -104,6 +104,11 @@ class DataConfig:
     # Tokenized / packed splits are cached here as Arrow files (default ~/.cache/ftjax/datasets) and
     # reused by a run with the same data, tokenizer and settings.
     cache_dir: Optional[str] = None
+    # mlm / clm: read the corpus as a datasets.IterableDataset, tokenize and pack on the fly, never
+    # copied to Arrow (ftjax.data.streaming); needs training.max_steps. Documents are shuffled
+    # through a seeded buffer of shuffle_buffer documents (with data.shuffle).
+    streaming: bool = False
+    shuffle_buffer: int = 10000
     # Word-tagged data (task: ner / token_classification): CoNLL files or token / tag columns.
     format: Literal["auto", "conll"] = "auto"  # auto: by file suffix (.conll is CoNLL); conll: `token ... TAG` lines
     tokens_column: str = "tokens"

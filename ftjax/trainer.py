@@ -35,6 +35,7 @@ from ftjax.config import Config
 from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.loading import load_splits, subsample
+from ftjax.data.streaming import BlockStream, StreamBatcher, prepare_streaming
 from ftjax.errors import FtjaxError
 from ftjax.lora import Adaptation, export_peft
 from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
@@ -117,6 +118,9 @@ class Trainer:
         """Every process prepares every split whole (so host-side meta is global); batchers then
         read only this process's strided rows."""
         d, seed = self.config.data, self.args.seed
+        if d.streaming:  # train read on the fly; evaluation splits bounded by max_eval_samples
+            return prepare_streaming(self.config, self.task, self.tokenizer,
+                                     progress=self.is_main and not self.args.disable_tqdm)
         raw = load_splits(d)
         if "train" not in raw:
             raise FtjaxError("no train split")
@@ -132,6 +136,8 @@ class Trainer:
                 else args.per_device_eval_batch_size) * S.data_parallel_size(self.mesh)
         if size % jax.process_count():
             raise FtjaxError(f"global batch of {size} rows does not split over {jax.process_count()} processes")
+        if isinstance(rows, BlockStream):
+            return StreamBatcher(rows, size // jax.process_count(), args.max_steps)
         return Batcher(rows, size // jax.process_count(), self.task.max_length, d.bucket_lengths,
                        pad_id=self.tokenizer.pad_token_id or 0, seed=args.seed, shuffle=train and d.shuffle,
                        group_by_length=train and d.group_by_length, window=d.length_window_batches,
@@ -328,6 +334,8 @@ class Trainer:
             source = self.ckpt if resume_dir == ckpt_dir else Checkpointer(resume_dir)
             self.state, meta = source.restore(resume_step, abstract_like(self.state, self.state_shardings))
             self.progress = Progress(**meta["progress"])
+            if "stream" in meta:  # each process back to the next unseen token of its stream
+                self.batcher("train").load_state_dict(meta["stream"][jax.process_index()])
             self.step = int(self.state.step)
         self._write_json("config.json", self._config_record())
         self.logger = RunLogger(self.output_dir, args.report_to)
@@ -468,6 +476,8 @@ class Trainer:
             return
         self._fetch()  # no checkpoint after a NaN/Inf loss
         meta = {"progress": dataclasses.asdict(self.progress), "config": self._config_record()}
+        if isinstance(self.batcher("train"), StreamBatcher):  # the data position of every process
+            meta["stream"] = self.batcher("train").gathered_state(self.step)
         self.ckpt.save(self.step, self.state, meta, self._evals.get(self.step))
 
     def _check_preemption(self) -> None:
