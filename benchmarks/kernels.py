@@ -68,7 +68,7 @@ def child_jax(iters: int) -> dict:
         return jnp.einsum("bhqk,bhkd->bhqd", p, v).sum()
     attn = jax.jit(jax.grad(attention, argnums=(0, 1, 2)))
     layer = FlaxBertLayer(BertConfig(hidden_size=H, num_attention_heads=NH, intermediate_size=FF))
-    h, mask = jax.random.normal(k[0], (B, T, H)), jnp.ones((B, 1, 1, T))
+    h, mask = jax.random.normal(k[0], (B, T, H)), jnp.ones((B, T))  # the layer broadcasts it itself
     params = layer.init(k[1], h, mask, None)
     grad = jax.jit(jax.grad(lambda p, h: layer.apply(p, h, mask, None, deterministic=True)[0].sum()))
     block = jax.block_until_ready
