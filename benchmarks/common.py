@@ -1,15 +1,22 @@
-"""Helpers shared by the side-by-side benchmarks: child processes with their peak RSS, machine info,
-a printed table and a JSON record under benchmarks/results/."""
+"""Helpers shared by the side-by-side benchmarks: child processes with their peak RSS, machine info
+(with the load average: this machine is shared), runs alternated between the two sides, medians
+with their spread, a printed table and a JSON record under benchmarks/results/.
+
+Every side-by-side benchmark writes a ``summary`` list into its JSON (``side_by_side``);
+``benchmarks/summary.py`` gathers them into one table (benchmarks/results/summary.json)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shlex
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -36,7 +43,9 @@ def measured(argv: list[str], env: dict | None = None) -> tuple[str, float, floa
 def machine() -> dict:
     import jax
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "jax_backend": jax.default_backend(), "date": time.strftime("%Y-%m-%d")}
+            "jax": jax.__version__, "jax_backend": jax.default_backend(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+            time.gmtime()), "loadavg_1_5_15": os.getloadavg(),
+            "shared_machine": "a 2-core CPU VM shared with other jobs (other engineers' tests and builds)"}
     try:
         import torch
         info["torch"] = torch.__version__
@@ -63,3 +72,76 @@ def save(name: str, record: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=2))
     return path
+
+
+# ---------------------------------------------------------------- repeated, alternating runs
+
+
+def alternate(sides: dict[str, Callable[[int], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Runs every side ``repeats`` times, interleaved (A B, B A, A B, ...: the side that goes first
+    alternates too), so a change in the machine's load touches both sides alike. ``sides[name](i)``
+    runs repeat ``i`` and returns its measurements; each result gets ``repeat`` and the load average."""
+    names = list(sides)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            load = os.getloadavg()[0]
+            result = sides[name](i)
+            runs[name].append({**result, "repeat": i, "loadavg_1min": load})
+            print(f"[{name} #{i}] {json.dumps(result)}", file=sys.stderr, flush=True)
+    return runs
+
+
+def spread(values: list[float]) -> dict:
+    """Median, minimum and maximum of repeated measurements (and the values themselves)."""
+    values = [float(v) for v in values]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": values}
+
+
+def side_by_side(task: str, runs: dict[str, list[dict]], throughput: str, unit: str, quality: list[str],
+                 reference: str = "PyTorch Trainer", candidate: str = "ftjax") -> dict:
+    """One summary record: median and spread of ``throughput``, each ``quality`` key and peak RSS per
+    side, and the ratios candidate / reference paired by repeat (median and range)."""
+    ref, cand = runs[reference], runs[candidate]
+    record = {"task": task, "unit": unit, "throughput_key": throughput, "repeats": min(len(ref), len(cand))}
+    for key in [throughput, *quality, "peak_rss_mb"]:
+        if all(key in r for r in ref + cand):
+            record[key] = {reference: spread([r[key] for r in ref]), candidate: spread([r[key] for r in cand])}
+    pairs = list(zip(ref, cand))
+    record["throughput_ratio"] = spread([c[throughput] / r[throughput] for r, c in pairs])
+    record["peak_rss_ratio"] = spread([c["peak_rss_mb"] / r["peak_rss_mb"] for r, c in pairs])
+    for key in quality:
+        if all(key in r for r in ref + cand):
+            record[f"{key}_points_diff"] = spread([100 * (c[key] - r[key]) for r, c in pairs])
+    record["loadavg_1min"] = spread([r["loadavg_1min"] for r in ref + cand])
+    return record
+
+
+def spread_text(s: dict | None, digits: int = 3) -> str:
+    """``median [min-max]`` for a table cell."""
+    if not s:
+        return ""
+    f = lambda v: f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"  # noqa: E731
+    return f"{f(s['median'])} [{f(s['min'])}-{f(s['max'])}]" if s["n"] > 1 else f(s["median"])
+
+
+def summary_table(records: list[dict], reference: str = "PyTorch Trainer", candidate: str = "ftjax") -> str:
+    """The README table: one line per side-by-side record."""
+    rows = []
+    for r in records:
+        t = r[r["throughput_key"]]
+        quality = [k for k in r if k.endswith("_points_diff")]
+        rows.append({"task": r["task"], "unit": r["unit"], "n": r["repeats"],
+                     reference: spread_text(t[reference]), candidate: spread_text(t[candidate]),
+                     "ratio": spread_text(r["throughput_ratio"]),
+                     "quality (points, ftjax - ref)": "; ".join(
+                         f"{k[:-len('_points_diff')]} {spread_text(r[k], 2)}" for k in quality),
+                     "peak RSS ratio": spread_text(r["peak_rss_ratio"]),
+                     "load (1 min)": spread_text(r["loadavg_1min"], 2)})
+    return table(rows, list(rows[0])) if rows else "(no records)"
+
+
+def overrides(text: str) -> list[str]:
+    """``--ftjax-args "data.packing=true training.x=1"`` as a list of ``key=value`` overrides."""
+    return shlex.split(text or "")

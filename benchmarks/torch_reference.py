@@ -1,7 +1,8 @@
 """PyTorch reference runs for side-by-side ftjax benchmarks.
 
 Fine-tunes a Hugging Face encoder on CPU with the stock ``transformers.Trainer``
-(dynamic padding, no length grouping, no checkpoints, no logging integrations)
+(dynamic padding, length grouping only with ``--group-by-length``, no checkpoints, no logging
+integrations)
 and reports throughput, memory and eval quality as one JSON line on stdout.
 
 Two tasks share one code path:
@@ -134,7 +135,7 @@ def _fit_and_evaluate(task: str, model_path: str, train_features: list[dict], ev
                       tokenizer, model, collator, metrics_fn, *, learning_rate: float,
                       num_train_epochs: float, max_steps: int, per_device_train_batch_size: int,
                       per_device_eval_batch_size: int | None, weight_decay: float,
-                      warmup_ratio: float, max_length: int, seed: int) -> dict:
+                      warmup_ratio: float, max_length: int, seed: int, group_by_length: bool = False) -> dict:
     """Train with ``Trainer``, time ``trainer.train()`` only, then predict on eval."""
     with tempfile.TemporaryDirectory(prefix="torch_reference_") as output_dir:
         args = TrainingArguments(
@@ -147,7 +148,7 @@ def _fit_and_evaluate(task: str, model_path: str, train_features: list[dict], ev
             weight_decay=weight_decay,
             warmup_ratio=warmup_ratio,
             seed=seed,
-            group_by_length=False,
+            group_by_length=group_by_length,
             save_strategy="no",
             eval_strategy="no",
             logging_strategy="no",
@@ -193,7 +194,7 @@ def _fit_and_evaluate(task: str, model_path: str, train_features: list[dict], ev
             "learning_rate": learning_rate, "num_train_epochs": num_train_epochs,
             "max_steps": max_steps, "per_device_train_batch_size": per_device_train_batch_size,
             "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
-            "max_length": max_length, "seed": seed,
+            "max_length": max_length, "seed": seed, "group_by_length": group_by_length,
         },
     }
 
@@ -207,7 +208,8 @@ def _setup(seed: int) -> None:
 # The hyperparameters both tasks accept (``TrainingArguments`` names) and their defaults.
 DEFAULT_HPARAMS: dict[str, Any] = dict(
     learning_rate=5e-5, num_train_epochs=1.0, max_steps=-1, per_device_train_batch_size=16,
-    per_device_eval_batch_size=None, weight_decay=0.0, warmup_ratio=0.0, max_length=128, seed=42)
+    per_device_eval_batch_size=None, weight_decay=0.0, warmup_ratio=0.0, max_length=128, seed=42,
+    group_by_length=False)
 
 
 def _hparams(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +293,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"])
     p.add_argument("--max-length", type=int, default=d["max_length"])
     p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--group-by-length", action="store_true",
+                   help="the Trainer's length-grouped sampler (like ftjax's data.group_by_length)")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
 
