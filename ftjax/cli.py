@@ -93,7 +93,7 @@ def cmd_compare(args) -> dict:
     """``ftjax compare``: ``ftjax.compare.compare``; prints the table."""
     from ftjax import compare
     result = compare.compare(args.runs, args.metric.split(",") if args.metric else None,
-                             args.by.split(",") if args.by else None, args.output)
+                             args.by.split(",") if args.by else None, args.output, args.split)
     print(result["table"])
     return {"compare": {"runs": len(result["rows"]), "csv": result["files"]["csv"], "chart": result["files"]["chart"]}}
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("runs", nargs="+", help="run output folders (with results.json and config.json)")
     cmp.add_argument("--metric", help="comma-separated metrics (default: accuracy / precision / recall / F1)")
     cmp.add_argument("--by", help="comma-separated config keys that label the runs (default: those that differ)")
-    cmp.add_argument("--split", default="test", help=argparse.SUPPRESS)
+    cmp.add_argument("--split", help="validation or test (default: test when every run has it)")
     cmp.add_argument("--output", help="folder for compare.csv / compare.png (default: the current folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")

@@ -58,6 +58,17 @@ def test_sweep_cli_writes_table_heatmap_best_and_skips_finished_runs(tiny_model,
     again = json.loads((out / "sweep.json").read_text())
     assert {r["status"] for r in again["runs"]} == {"finished earlier"}
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in summary["runs"]]
+    # ftjax compare on the sweep's runs: labelled by what differs, numbers from each results.json
+    dirs = sorted(str(p) for p in (out / "runs").iterdir())
+    assert cli.main(["compare", *dirs, "--output", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert "learning_rate=0.001, seed=1" in table and "f1_macro" in table
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    for row in rows:
+        test = json.loads((open(f"{row['dir']}/results.json")).read())["test"]
+        assert float(row["accuracy"]) == pytest.approx(test["accuracy"])
+        assert float(row["recall_macro"]) == pytest.approx(test["recall_macro"])
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5000
 
 
 def test_vectorized_runs_equal_single_runs(tiny_model, sentiment_csv, tmp_path):
