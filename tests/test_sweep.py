@@ -111,3 +111,16 @@ def _config_file(tmp_path, overrides):
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(apply_overrides({}, overrides)))
     return path
+
+
+def test_dropout_rates_split_a_vectorized_grid_into_compile_groups():
+    """A model dropout rate is a Python constant of the Flax modules: one group (compile) per value."""
+    from ftjax.vectorized import check_vectorizable, groups
+    grid = {"model.config_overrides.hidden_dropout_prob": [0.0, 0.1], "training.learning_rate": [1e-3, 2e-3]}
+    combos = sweep.combinations(grid)
+    configs = [load_config(None, sweep.overrides(v)) for v in combos]
+    check_vectorizable(grid)
+    assert groups(configs, grid) == [[0, 1], [2, 3]]
+    assert groups(configs, {"training.learning_rate": None}) == [[0, 1, 2, 3]]
+    with pytest.raises(FtjaxError, match="'model.max_length' changes array shapes"):
+        check_vectorizable(["training.seed", "model.max_length"])
