@@ -49,10 +49,20 @@ def load_run(run_dir: str | Path) -> dict:
             "config": flatten(json.loads(config.read_text())) if config.is_file() else {}}
 
 
+# When many keys differ, the label shows the first MAX_LABEL_KEYS in this order of prefixes.
+LABEL_ORDER = ("task", "model.name_or_path", "data.train_file", "data.dataset_name", "data.dataset_config_name",
+               "training.", "data.", "model.", "task_options.", "mesh.")
+MAX_LABEL_KEYS = 3
+
+
 def differing_keys(runs: list[dict]) -> list[str]:
+    """Config keys whose values differ between the runs, the most telling first (``LABEL_ORDER``;
+    inference settings left out)."""
     keys = sorted({k for r in runs for k in r["config"]})
-    return [k for k in keys if k not in NOT_LABELS
+    keys = [k for k in keys if k not in NOT_LABELS and not k.startswith("inference.")
             and len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+    rank = lambda k: next((i for i, p in enumerate(LABEL_ORDER) if k == p or (p.endswith(".") and k.startswith(p))), len(LABEL_ORDER))  # noqa: E731
+    return sorted(keys, key=lambda k: (rank(k), keys.index(k)))
 
 
 def _show(value: Any) -> str:
@@ -66,7 +76,7 @@ def _show(value: Any) -> str:
 
 def labels(runs: list[dict], by: Optional[list[str]] = None) -> list[str]:
     """One label per run from the ``by`` keys, else from the config values that differ (else the folder)."""
-    keys = by or differing_keys(runs)
+    keys = by or differing_keys(runs)[:MAX_LABEL_KEYS]
     for k in by or []:
         if not any(k in r["config"] for r in runs):
             raise FtjaxError(f"--by '{k}' is not a config key of these runs")

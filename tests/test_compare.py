@@ -42,3 +42,21 @@ def test_compare_labels_metrics_and_entity_types(tmp_path):
         compare.compare([a, b], metrics=["bleu"], output=str(tmp_path / "o3"))
     with pytest.raises(FtjaxError, match="no results.json"):
         compare.compare([str(tmp_path)], output=str(tmp_path / "o4"))
+
+
+def test_mlm_clm_probe_items_hide_a_real_word_of_held_out_lee_sentences():
+    """scripts/compare_mlm_clm.py's probe: the hidden word is in the sentence, ranked among distractors."""
+    import importlib.util
+    from pathlib import Path
+
+    from ftjax.paths import resolve_path
+    path = Path(__file__).parent.parent / "scripts" / "compare_mlm_clm.py"
+    spec = importlib.util.spec_from_file_location("compare_mlm_clm", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    items = script.probe_items(12, 9, seed=0)
+    held_out = " ".join(Path(resolve_path(script.LEE)).read_text(encoding="latin-1").lower().splitlines()[::10])
+    assert len(items) == 12
+    for it in items:
+        assert it["candidates"][0] == it["target"] and len(set(it["candidates"])) == 10
+        assert f"{it['left']} {it['target']} {it['right']}" in held_out
