@@ -77,7 +77,8 @@ def report(measurements: list[dict], args) -> None:
     loss_diff = max(abs(seq[r]["loss"] - vec[r]["loss"]) for r in seq)
     ratios = [s["wall_s"] / v["wall_s"] for s, v in zip(measurements[0::2], measurements[1::2])]
     equality = {"max_abs_validation_loss_diff": loss_diff,
-                "max_rel_validation_loss_diff": max(abs(seq[r]["loss"] - vec[r]["loss"]) / abs(seq[r]["loss"]) for r in seq),
+                "max_rel_validation_loss_diff": max(abs(seq[r]["loss"] - vec[r]["loss"]) / abs(seq[r]["loss"])
+                                                    for r in seq),
                 "accuracy_equal_runs": sum(seq[r]["accuracy"] == vec[r]["accuracy"] for r in seq),
                 "runs": len(seq)}
     summary = {"speedup_sequential_over_vectorized_median": statistics.median(ratios),
@@ -89,7 +90,8 @@ def report(measurements: list[dict], args) -> None:
     print(json.dumps({**summary, **equality}))
     path = save("sweep", {"args": vars(args), "machine": {**machine(), "loadavg_end": os.getloadavg(),
                                                           "note": "shared 2-core CPU, other jobs running"},
-                          "repeats_done": len(measurements) // 2, "rows": rows, "summary": summary, "equality": equality, "measurements": measurements,
+                          "repeats_done": len(measurements) // 2, "rows": rows, "summary": summary,
+                          "equality": equality, "measurements": measurements,
                           "command": "python benchmarks/sweep.py " + " ".join(sys.argv[1:])})
     print(f"wrote {path}")
 

@@ -61,7 +61,10 @@ def differing_keys(runs: list[dict]) -> list[str]:
     keys = sorted({k for r in runs for k in r["config"]})
     keys = [k for k in keys if k not in NOT_LABELS and not k.startswith("inference.")
             and len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
-    rank = lambda k: next((i for i, p in enumerate(LABEL_ORDER) if k == p or (p.endswith(".") and k.startswith(p))), len(LABEL_ORDER))  # noqa: E731
+
+    def rank(key: str) -> int:
+        return next((i for i, p in enumerate(LABEL_ORDER) if key == p or (p.endswith(".") and key.startswith(p))),
+                    len(LABEL_ORDER))
     return sorted(keys, key=lambda k: (rank(k), keys.index(k)))
 
 
@@ -97,7 +100,8 @@ def pick_metrics(runs: list[dict], split: str, metrics: Optional[list[str]]) -> 
     if metrics:
         missing = [m for m in metrics if m not in present]
         if missing:
-            raise FtjaxError(f"metric '{missing[0]}' is in no run's {split} results (have: {', '.join(sorted(present))})")
+            raise FtjaxError(f"metric '{missing[0]}' is in no run's {split} results "
+                             f"(have: {', '.join(sorted(present))})")
         return metrics
     family = max(DEFAULT_METRICS, key=lambda f: sum(m in present for m in f))  # the first of the fullest
     chosen = [m for m in family if m in present]
@@ -162,8 +166,8 @@ def bar_chart(rows, metrics, per_type, type_metric, split, path: Path) -> None:
         types = sorted({p["type"] for p in per_type})
         lookup = {(p["run"], p["type"]): p[type_metric] for p in per_type}
         panels.append((f"entity type ({type_metric})", types, lambda run, t: lookup.get((run["run"], t))))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.3 * max(len(p[1]) for p in panels) * max(len(rows), 2) / 2), 3.6 * len(panels)),
-                             squeeze=False)
+    width_in = max(6, 0.65 * max(len(p[1]) for p in panels) * max(len(rows), 2))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.6 * len(panels)), squeeze=False)
     width = 0.8 / max(len(rows), 1)
     for ax, (title, groups, value) in zip(axes[:, 0], panels):
         x = np.arange(len(groups))

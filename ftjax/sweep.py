@@ -18,6 +18,7 @@ with checkpoints resumes from the latest.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import re
@@ -277,7 +278,6 @@ def _run_config(config_path, base_overrides, values, run_dir: Path) -> Config:
 
 def _resumable(cfg: Config) -> Config:
     """An interrupted run resumes from its latest checkpoint; a run folder without one starts over."""
-    import dataclasses
     out = Path(cfg.training.output_dir)
     ckpts = out / "checkpoints"
     if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):

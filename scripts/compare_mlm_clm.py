@@ -90,8 +90,9 @@ def mlm_score(model, params, tok, left: str, right: str, word: str) -> float:
     pieces = tok(word, add_special_tokens=False)["input_ids"]
     ids = tok(left, add_special_tokens=False)["input_ids"]
     start = len(ids) + 1
-    ids = [tok.cls_token_id, *ids, *[tok.mask_token_id] * len(pieces), *tok(right, add_special_tokens=False)["input_ids"]]
-    ids = (ids[:model.config.max_position_embeddings - 1] + [tok.sep_token_id])
+    right_ids = tok(right, add_special_tokens=False)["input_ids"]
+    ids = [tok.cls_token_id, *ids, *[tok.mask_token_id] * len(pieces), *right_ids]
+    ids = ids[:model.config.max_position_embeddings - 1] + [tok.sep_token_id]
     logits = model(np.asarray([ids]), params=params).logits[0]
     logp = jax.nn.log_softmax(logits[start:start + len(pieces)], -1)
     return float(sum(logp[j, p] for j, p in enumerate(pieces)))
@@ -180,7 +181,8 @@ def main(argv=None) -> dict:
         results = trainer.train()
         result[kind] = {"validation": {k: v for k, v in results["validation"].items() if isinstance(v, (int, float))},
                         "curves": curves(trainer), "probe": probe(trainer, items, kind),
-                        "train_runtime_s": results["train"]["train_runtime_s"], "output_dir": str(cfg.training.output_dir)}
+                        "train_runtime_s": results["train"]["train_runtime_s"],
+                        "output_dir": str(cfg.training.output_dir)}
         print(f"{kind}: validation loss {results['validation']['loss']:.3f}, probe {result[kind]['probe']}",
               file=sys.stderr)
     plot(result, out / "mlm_vs_clm.png")
