@@ -84,39 +84,59 @@ def probe_items(n: int, distractors: int, seed: int) -> list[dict]:
     return items[:n]
 
 
-def mlm_score(model, params, tok, left: str, right: str, word: str) -> float:
-    import jax
-    import numpy as np
+def mlm_sequence(tok, left: str, right: str, word: str, limit: int):
+    """``[CLS] left [MASK]*n right [SEP]`` and the (position, piece id) pairs that score ``word``."""
     pieces = tok(word, add_special_tokens=False)["input_ids"]
-    ids = tok(left, add_special_tokens=False)["input_ids"]
-    start = len(ids) + 1
+    left_ids = tok(left, add_special_tokens=False)["input_ids"]
     right_ids = tok(right, add_special_tokens=False)["input_ids"]
-    ids = [tok.cls_token_id, *ids, *[tok.mask_token_id] * len(pieces), *right_ids]
-    ids = ids[:model.config.max_position_embeddings - 1] + [tok.sep_token_id]
-    logits = model(np.asarray([ids]), params=params).logits[0]
-    logp = jax.nn.log_softmax(logits[start:start + len(pieces)], -1)
-    return float(sum(logp[j, p] for j, p in enumerate(pieces)))
+    ids = [tok.cls_token_id, *left_ids, *[tok.mask_token_id] * len(pieces), *right_ids][:limit - 1] + [tok.sep_token_id]
+    return ids, [(1 + len(left_ids) + j, p) for j, p in enumerate(pieces)]
 
 
-def clm_score(model, params, tok, left: str, word: str) -> float:
-    import jax
-    import numpy as np
-    context = tok(left)["input_ids"][-(model.config.n_positions - 8):]
+def clm_sequence(tok, left: str, word: str, limit: int):
+    """``left word`` and the (position predicting it, piece id) pairs: the next-token log-probabilities."""
     pieces = tok(" " + word)["input_ids"]
-    logits = model(np.asarray([context + pieces]), params=params).logits[0]
-    logp = jax.nn.log_softmax(logits[len(context) - 1:len(context) - 1 + len(pieces)], -1)
-    return float(sum(logp[j, p] for j, p in enumerate(pieces)))
+    context = tok(left)["input_ids"][-(limit - len(pieces)):]
+    return context + pieces, [(len(context) - 1 + j, p) for j, p in enumerate(pieces)]
+
+
+def candidate_scores(trainer, items: list[dict], kind: str, batch_size: int = 32) -> list[float]:
+    """Each candidate's summed log-probability (items in order, candidates in order), from one
+    jitted, fixed-shape scoring function."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    model, params, tok = trainer.model, trainer.params(), trainer.tokenizer
+    limit = trainer.config.model.max_length
+    rows = [mlm_sequence(tok, it["left"], it["right"], w, limit) if kind == "mlm"
+            else clm_sequence(tok, it["left"], w, limit) for it in items for w in it["candidates"]]
+    k = max(len(targets) for _, targets in rows)
+
+    @jax.jit
+    def score(p, ids, mask, pos, piece, weight):
+        logits = model(ids, attention_mask=mask, params=p).logits
+        logp = jax.nn.log_softmax(jnp.take_along_axis(logits, pos[:, :, None], axis=1), -1)
+        return (jnp.take_along_axis(logp, piece[:, :, None], -1)[..., 0] * weight).sum(-1)
+
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask, pos, piece = (np.zeros((batch_size, n), np.int32) for n in (limit, limit, k, k))
+        weight = np.zeros((batch_size, k), np.float32)
+        chunk = rows[start:start + batch_size]
+        for r, (seq, targets) in enumerate(chunk):
+            ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+            for j, (position, p) in enumerate(targets):
+                pos[r, j], piece[r, j], weight[r, j] = position, p, 1.0
+        scores += np.asarray(score(params, ids, mask, pos, piece, weight))[:len(chunk)].tolist()
+    return scores
 
 
 def probe(trainer, items: list[dict], kind: str) -> dict:
-    params, tok, model = trainer.params(), trainer.tokenizer, trainer.model
-    ranks = []
-    for it in items:
-        scores = [mlm_score(model, params, tok, it["left"], it["right"], w) if kind == "mlm"
-                  else clm_score(model, params, tok, it["left"], w) for w in it["candidates"]]
-        ranks.append(1 + sum(s > scores[0] for s in scores[1:]))
+    """Rank of the hidden word among its candidates: top-1 / top-5 accuracy and mean rank."""
+    scores, n = candidate_scores(trainer, items, kind), len(items[0]["candidates"])
+    ranks = [1 + sum(s > group[0] for s in group[1:]) for group in (scores[i:i + n] for i in range(0, len(scores), n))]
     return {"top1": sum(r == 1 for r in ranks) / len(ranks), "top5": sum(r <= 5 for r in ranks) / len(ranks),
-            "mean_rank": sum(ranks) / len(ranks), "items": len(ranks), "candidates": len(items[0]["candidates"])}
+            "mean_rank": sum(ranks) / len(ranks), "items": len(ranks), "candidates": n}
 
 
 def curves(trainer) -> dict:

