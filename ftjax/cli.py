@@ -76,6 +76,28 @@ def cmd_plan(cfg, device_memory: str | None, json_path: str | None) -> dict:
     return {"plan": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
 
 
+def cmd_sweep(args) -> dict:
+    """``ftjax sweep``: ``ftjax.sweep.run_sweep``; prints the best configuration."""
+    from ftjax import sweep
+    grid = sweep.parse_grid(args.grid or [], args.seeds)
+    summary = sweep.run_sweep(args.config, grid, args.overrides, args.output_dir, args.metric,
+                              args.axes.split(",") if args.axes else None, args.vectorize)
+    best = summary["best"] or {}
+    print(f"best {summary['metric']}: {best.get('mean', float('nan')):.4f} +- {best.get('std', 0):.4f} "
+          f"with {best.get('values')} ({summary['files']['heatmap']})", file=sys.stderr)
+    return {"sweep": {"runs": len(summary["runs"]), "metric": summary["metric"], "best": json.dumps(best.get("values")),
+                      "best_mean": best.get("mean"), "csv": summary["files"]["csv"]}}
+
+
+def cmd_compare(args) -> dict:
+    """``ftjax compare``: ``ftjax.compare.compare``; prints the table."""
+    from ftjax import compare
+    result = compare.compare(args.runs, args.metric.split(",") if args.metric else None,
+                             args.by.split(",") if args.by else None, args.output, args.split)
+    print(result["table"])
+    return {"compare": {"runs": len(result["rows"]), "csv": result["files"]["csv"], "chart": result["files"]["chart"]}}
+
+
 def _trained_model(cfg, model: str | None) -> str:
     export = Path(cfg.training.output_dir) / "export"
     return model or (str(export) if export.is_dir() else cfg.model.name_or_path)
@@ -145,6 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
                      help="default: on for wordpiece, off for bpe")
     tok.add_argument("--text-column", default="text")
+    sw = sub.add_parser("sweep", help="train every combination of a hyperparameter grid; table, heatmap, best")
+    sw.add_argument("config", help="YAML config (see configs/)")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides for every run")
+    sw.add_argument("--grid", nargs="+", metavar="KEY=[V1,V2]", help="e.g. training.learning_rate=[1e-5,3e-5]")
+    sw.add_argument("--seeds", help="comma-separated training.seed values, e.g. 42,43")
+    sw.add_argument("--metric", help="e.g. accuracy or test.f1_macro (default validation.<metric_for_best_model>)")
+    sw.add_argument("--axes", help="two grid keys for the heatmap (default: the first two varied ones)")
+    sw.add_argument("--output-dir", help="sweep folder (default: <training.output_dir>-sweep)")
+    sw.add_argument("--vectorize", action="store_true", help="train all runs at once (shape-free grids only)")
+    cmp = sub.add_parser("compare", help="table and bar chart of metrics across finished runs")
+    cmp.add_argument("runs", nargs="+", help="run output folders (with results.json and config.json)")
+    cmp.add_argument("--metric", help="comma-separated metrics (default: accuracy / precision / recall / F1)")
+    cmp.add_argument("--by", help="comma-separated config keys that label the runs (default: those that differ)")
+    cmp.add_argument("--split", help="validation or test (default: test when every run has it)")
+    cmp.add_argument("--output", help="folder for compare.csv / compare.png (default: the current folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("ftjax").setLevel(logging.INFO)  # ftjax's own notes (packing, cache reuse) on stderr
@@ -157,10 +194,18 @@ def main(argv: list[str] | None = None) -> int:
                                         args.lowercase, args.text_column)
             print(json.dumps({"output": args.output, "kind": args.kind, "vocab_size": len(tokenizer)}))
             return 0
+        if args.command == "compare":
+            result = cmd_compare(args)
+            print(json.dumps(_summary(result)))
+            return 0
         from ftjax import distributed
         from ftjax.config import load_config
-        cfg = load_config(args.config, args.overrides)
         distributed.maybe_initialize()
+        if args.command == "sweep":
+            result = cmd_sweep(args)
+            print(json.dumps(_summary(result)))
+            return 0
+        cfg = load_config(args.config, args.overrides)
         if args.command == "train":
             result = cmd_train(cfg)
         elif args.command == "plan":

@@ -95,6 +95,9 @@ class DataConfig:
     label_names: Optional[list[str]] = None  # fixes the label order; default: sorted training labels
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    # Seed of the data's randomness (subsets, shuffle order, MLM masks); null: training.seed. Set by
+    # vectorized sweeps (``ftjax sweep --vectorize``), whose seed runs share one data pipeline.
+    seed: Optional[int] = None
     # Each batch is padded to the smallest bucket that fits its longest row (capped at max_length).
     bucket_lengths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 512])
     group_by_length: bool = True  # sort by length inside shuffled windows of batches
@@ -215,6 +218,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data's randomness: ``data.seed``, else ``training.seed``."""
+        return self.training.seed if self.data.seed is None else self.data.seed
 
 
 def _check_regexes(key: str, patterns: list[str]) -> None:

@@ -117,7 +117,7 @@ class Trainer:
     def _prepare_data(self) -> dict[str, Split]:
         """Every process prepares every split whole (so host-side meta is global); batchers then
         read only this process's strided rows."""
-        d, seed = self.config.data, self.args.seed
+        d, seed = self.config.data, self.config.data_seed
         if d.streaming:  # train read on the fly; evaluation splits bounded by max_eval_samples
             return prepare_streaming(self.config, self.task, self.tokenizer,
                                      progress=self.is_main and not self.args.disable_tqdm)
@@ -139,7 +139,7 @@ class Trainer:
         if isinstance(rows, BlockStream):
             return StreamBatcher(rows, size // jax.process_count(), args.max_steps)
         return Batcher(rows, size // jax.process_count(), self.task.max_length, d.bucket_lengths,
-                       pad_id=self.tokenizer.pad_token_id or 0, seed=args.seed, shuffle=train and d.shuffle,
+                       pad_id=self.tokenizer.pad_token_id or 0, seed=self.config.data_seed, shuffle=train and d.shuffle,
                        group_by_length=train and d.group_by_length, window=d.length_window_batches,
                        process_index=jax.process_index(), process_count=jax.process_count(),
                        groups=self.task.length_groups())
@@ -236,11 +236,12 @@ class Trainer:
         return self._merge(self.state.params, self.frozen) if self.adaptation else self.state.params
 
     # ---------------------------------------------------------------- evaluation
-    def _outputs(self, batcher: Batcher) -> dict[str, np.ndarray]:
+    def _outputs(self, batcher: Batcher, params=None) -> dict[str, np.ndarray]:
         """The task's per-row outputs of every real row, from all processes, in global row order."""
         if self._eval_step is None:
             self._eval_step = jax.jit(make_eval_step(lambda p, b: self.task.outputs(self.model, p, b)))
-        params = self.params()  # on the mesh since loading (``place_params``)
+        if params is None:
+            params = self.params()  # on the mesh since loading (``place_params``)
         nb = int(agree_max([batcher.num_batches()])[0])
 
         def real_rows(device_out):  # to the host as soon as the next batch is dispatched
@@ -260,12 +261,12 @@ class Trainer:
         order = np.argsort(out["index"], kind="stable")
         return {k: v[order] for k, v in out.items()}
 
-    def evaluate(self, split: str = "validation") -> dict[str, Any]:
-        """Metrics of the current parameters on a split (loss included)."""
+    def evaluate(self, split: str = "validation", params=None) -> dict[str, Any]:
+        """Metrics of the current parameters (or of ``params``: a vectorized sweep's run) on a split."""
         if split not in self.splits:
             raise FtjaxError(f"no {split} split to evaluate")
         data = self.splits[split]
-        out = self._outputs(self.batcher(split))
+        out = self._outputs(self.batcher(split), params)
         metrics = self.task.metrics(out, data.meta)
         if "loss_sum" in out:
             metrics["loss"] = float(out["loss_sum"].sum() / max(out["loss_weight"].sum(), 1.0))

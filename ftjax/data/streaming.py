@@ -348,7 +348,7 @@ def prepare_streaming(config, task, tokenizer, progress: bool = False) -> dict:
         train = train.take(d.max_train_samples)
     stream = BlockStream(train, tokenizer, task.max_length, task.separator_id(tokenizer), d.text_column,
                          with_word_ids=not task.causal and task.options.whole_word_masking,
-                         shuffle_buffer=d.shuffle_buffer if d.shuffle else 0, seed=args.seed,
+                         shuffle_buffer=d.shuffle_buffer if d.shuffle else 0, seed=config.data_seed,
                          process_index=jax.process_index(), process_count=jax.process_count(), progress=progress)
     splits["train"] = Split(stream, {"streaming": {"shuffle_buffer": stream.shuffle_buffer,
                                                    "block_size": stream.block_size}})

@@ -159,7 +159,7 @@ class MaskedLM(LanguageModeling):
 
     def host_transform(self, batch, epoch, train):
         o = self.options
-        return mask_batch(batch, seed=self.config.training.seed, epoch=epoch, train=train,
+        return mask_batch(batch, seed=self.config.data_seed, epoch=epoch, train=train,
                           probability=o.mlm_probability, mask_id=self.mask_id, vocab_size=self.vocab_size,
                           special_ids=self.special_ids, whole_word=o.whole_word_masking)
 
