@@ -116,6 +116,8 @@ class TrainingConfig:
     seed: int = 42
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     bf16: bool = False
+    # Peak TFLOP/s of one device for the logs' MFU; null: ftjax.flops.PEAK_TFLOPS by device kind.
+    device_peak_tflops: Optional[float] = None
     # Recompute each transformer layer's activations in the backward pass: less memory for about
     # one more forward pass. remat_policy: what a layer may keep (jax.checkpoint_policies.<name>);
     # null keeps nothing, and uses transformers' own switch where the Flax class has one.
