@@ -48,6 +48,9 @@ class ModelConfig:
     # model type such as gpt2 / bert / llama) with these overrides, sized to the tokenizer's vocab.
     from_scratch: bool = False
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A new task head (classification / NER / QA...): Flax's default init (lecun-normal), or PyTorch
+    # transformers' normal(0, config.initializer_range) with zero biases (README: "Head initialisation").
+    head_init: Literal["flax_default", "initializer_range"] = "flax_default"
 
 
 @dataclasses.dataclass

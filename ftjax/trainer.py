@@ -161,7 +161,8 @@ class Trainer:
     def place_params(self, weights):
         """The model's parameters created in, or sent leaf by leaf to, their partition-rule shardings
         (``ftjax.models.place_params``): no device ever holds more than its shards."""
-        return place_params(self.model, weights, self.param_shardings(abstract_params(self.model)))
+        return place_params(self.model, weights, self.param_shardings(abstract_params(self.model)),
+                            self.config.model.head_init)
 
     @staticmethod
     def loss_fn(task: Task, model, args) -> Callable:
