@@ -37,6 +37,7 @@ from ftjax.compat import flax_transformers  # noqa: F401  (re-exported)
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
 from ftjax.paths import hub_offline, resolve_path
+from ftjax.rope import check_rope_scaling
 from ftjax.runtime import transformers_without_torch
 
 transformers_without_torch()  # must precede the first `import transformers`
@@ -121,6 +122,7 @@ def model_config(cfg: ModelConfig, **overrides):
             raise FtjaxError(f"model.config_overrides: '{unknown[0]}' is not a {type(conf).__name__} field")
         conf.update(dict(cfg.config_overrides))
     conf.update(overrides)
+    check_rope_scaling(conf)  # a RoPE ftjax cannot compute is refused, not silently run unscaled
     return conf
 
 
