@@ -6,8 +6,8 @@
 Sections (each measurement in its own child process, so peak RSS is that measurement's alone):
 
 * ``load``: SmolLM2-135M (the GGUF asset, converted once to a cached Flax folder) and a randomly
-  initialised Llama saved as PyTorch safetensors (``--big-layers``: 8 layers 0.58B parameters,
-  22 layers 1.23B), on 8 simulated CPU devices with ``mesh.fsdp=8``. "old" is the approach before
+  initialised Llama saved as PyTorch safetensors (``--big-layers``: 4 layers 0.39B parameters
+  by default, what the old approach can load beside other jobs on a 23 GiB machine; 22 layers 1.23B), on 8 simulated CPU devices with ``mesh.fsdp=8``. "old" is the approach before
   sharding from birth (``from_pretrained(_do_init=True)``: a random init, then the weights, whole on
   device 0, then ``device_put`` to the shardings); "new" is ftjax's (``load_model`` with
   ``_do_init=False`` + ``place_params``). Peak host RSS, the most bytes any device held, and the
@@ -106,7 +106,10 @@ def child_load(spec: dict) -> dict:
         del weights
     jax.block_until_ready(params)
     seconds = time.perf_counter() - started
-    held = per_device()
+    held = collections.Counter()  # the parameters' shards (host copies share "device 0" on CPU: not counted)
+    for leaf in jax.tree.leaves(params):
+        for shard in leaf.addressable_shards:
+            held[str(shard.device)] += shard.data.nbytes
     total = int(sum(x.nbytes for x in jax.tree.leaves(params)))
     return {"param_bytes": total, "max_device_bytes_after": max(held.values()),
             "peak_device_bytes": max(peak_device, max(held.values())), "load_s": seconds,
@@ -204,7 +207,7 @@ def section_load(args, big: Path) -> list[dict]:
 def section_remat(args) -> list[dict]:
     rows = []
     for kind in ("classification", "clm"):
-        for policy in ("off", "default", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+        for policy in args.policies:
             r = run_child({"kind": "step", "task": kind, "policy": policy, "steps": args.steps},
                           env={"JAX_PLATFORMS": "cpu"})
             r.update(task=kind, policy=policy)
@@ -248,15 +251,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child")
     parser.add_argument("--sections", nargs="+", default=["load", "remat", "mfu", "plan"])
-    parser.add_argument("--big-layers", type=int, default=8, help="layers of the random Llama (22: ~1.1B)")
-    parser.add_argument("--steps", type=int, default=3, help="timed train steps per remat measurement")
+    parser.add_argument("--big-layers", type=int, default=4,
+                        help="layers of the random Llama (4: 0.39B, 8: 0.58B, 22: 1.23B)")
+    parser.add_argument("--out", default="scale", help="benchmarks/results/OUT.json")
+    parser.add_argument("--steps", type=int, default=2, help="timed train steps per remat measurement")
+    parser.add_argument("--policies", nargs="+", default=["off", "default", "dots_saveable"],
+                        help="off, default (save nothing) or a training.remat_policy name")
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = ROOT / "benchmarks" / "results" / "scale.json"
+    path = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     record = json.loads(path.read_text()) if path.exists() else {}  # sections not rerun are kept
     record |= {"machine": machine(), "loadavg_start": os.getloadavg(), "sections": args.sections,
               "note": "shared 2-core CPU with other jobs running; timings are indicative only"}
@@ -288,7 +295,7 @@ def main() -> None:
                                          "wall_s"]))
     record["loadavg_end"] = os.getloadavg()
     record["wall_s"] = time.perf_counter() - started
-    print(f"wrote {save('scale', record)}")
+    print(f"wrote {save(args.out, record)}")
 
 
 if __name__ == "__main__":
