@@ -10,9 +10,9 @@ has 0.11.2):
    ``jax.experimental.sparse`` BCOO matrix in a mode new jax does not implement. Its ``__call__`` is
    replaced by a dense equivalent that bans the same tokens (and is cheaper: O(batch x length x n)).
 
-3. ``FlaxLlamaRotaryEmbedding`` hardcodes the rotary base 10000 and ignores ``config.rope_theta``
-   (SmolLM2 uses 100000: its loss is off by ~0.1 nats without this); its ``setup`` is replaced by one
-   that reads ``rope_theta``.
+3. The Flax Llama / Mistral / Gemma rotary embeddings hardcode the base 10000 and ignore
+   ``config.rope_theta`` (SmolLM2 uses 100000: its loss is off by ~0.1 nats without this) and
+   ``config.rope_scaling`` (Llama 3.1); their ``setup`` is replaced by ``ftjax.rope.rotary_setup``.
 4. With PyTorch disabled (``USE_TORCH=0``, what ftjax sets: ``ftjax.runtime``) but accelerate
    installed, ``import transformers.pipelines`` fails (``trainer_pt_utils`` subclasses torch's
    ``LRScheduler`` because ``is_accelerate_available()`` is true). accelerate cannot run without
@@ -89,18 +89,6 @@ def no_repeat_ngram_call(self, input_ids, scores, cur_len):
     return jnp.where(banned, -jnp.inf, scores)
 
 
-def llama_rotary_setup(self) -> None:
-    """``FlaxLlamaRotaryEmbedding.setup`` with the configured ``rope_theta`` (sin/cos table
-    ``[max_positions, 1, 2 * head_dim]``, as the original builds it)."""
-    import numpy as np
-    cfg = self.config
-    dim = cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (float(getattr(cfg, "rope_theta", 10000.0)) ** (np.arange(0, dim, 2) / dim))
-    emb = np.outer(np.arange(cfg.max_position_embeddings), inv_freq).astype("float32")
-    emb = np.concatenate((emb, emb), axis=-1)
-    self.sincos = jnp.array(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
-
-
 class _ShapesOnly:
     """A ``_do_init=False`` model as transformers' PyTorch->Flax converter uses it: parameter names
     and shapes (``params``: the model's shape tree) and ``base_model_prefix``."""
@@ -132,8 +120,9 @@ def _patch(module) -> None:
     elif module.__name__ == IMPORT_UTILS_MODULE:
         if not module.is_torch_available():
             module._accelerate_available = False
-    elif module.__name__ == LLAMA_MODULE:
-        module.FlaxLlamaRotaryEmbedding.setup = llama_rotary_setup
+    elif module.__name__ in ROTARY_MODULES:
+        from ftjax.rope import rotary_setup
+        setattr(getattr(module, ROTARY_MODULES[module.__name__]), "setup", rotary_setup)
     elif module.__name__ == LOGITS_MODULE:
         module.FlaxNoRepeatNGramLogitsProcessor.__call__ = no_repeat_ngram_call
     elif needs_clip_shim() and getattr(module, "jnp", None) is jnp:
@@ -164,10 +153,12 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
 
 _FINDER = _PatchAfterImport()
-LLAMA_MODULE = "transformers.models.llama.modeling_flax_llama"
+ROTARY_MODULES = {"transformers.models.llama.modeling_flax_llama": "FlaxLlamaRotaryEmbedding",
+                  "transformers.models.mistral.modeling_flax_mistral": "FlaxMistralRotaryEmbedding",
+                  "transformers.models.gemma.modeling_flax_gemma": "FlaxGemmaRotaryEmbedding"}
 IMPORT_UTILS_MODULE = "transformers.utils.import_utils"
 FLAX_UTILS_MODULE = "transformers.modeling_flax_utils"
-PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, LLAMA_MODULE, IMPORT_UTILS_MODULE, FLAX_UTILS_MODULE)
+PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, *ROTARY_MODULES, IMPORT_UTILS_MODULE, FLAX_UTILS_MODULE)
 
 
 def flax_transformers():

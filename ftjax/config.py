@@ -69,6 +69,9 @@ class ModelConfig:
     # model type such as gpt2 / bert / llama) with these overrides, sized to the tokenizer's vocab.
     from_scratch: bool = False
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A new task head (classification / NER / QA...): Flax's default init (lecun-normal), or PyTorch
+    # transformers' normal(0, config.initializer_range) with zero biases (README: "Head initialisation").
+    head_init: Literal["flax_default", "initializer_range"] = "flax_default"
     # LoRA (a mapping, {} for the defaults): base weights frozen, only the adapters (and a new task
     # head) train. freeze: regexes over parameter paths kept out of training (e.g. "^bert/").
     lora: Optional[LoraConfig] = None
@@ -152,6 +155,8 @@ class TrainingConfig:
     seed: int = 42
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     bf16: bool = False
+    # Peak TFLOP/s of one device for the logs' MFU; null: ftjax.flops.PEAK_TFLOPS by device kind.
+    device_peak_tflops: Optional[float] = None
     # Recompute each transformer layer's activations in the backward pass: less memory for about
     # one more forward pass. remat_policy: what a layer may keep (jax.checkpoint_policies.<name>);
     # null keeps nothing, and uses transformers' own switch where the Flax class has one.

@@ -138,6 +138,7 @@ def plan(config: Config, device_memory: Optional[int] = None) -> dict[str, Any]:
         "temp_bytes_per_device": int(memory.temp_size_in_bytes),
         "peak_bytes_per_device": int(peak),
         "flops_per_device": flops, "flops_per_step": flops * n_devices,
+        "compute_dtype": np.dtype(model.dtype).name,
         "gradient_checkpointing": args.gradient_checkpointing, "remat_policy": args.remat_policy,
         "largest_arrays": largest_arrays(params, shardings.params),
         "device_memory": device_memory,
@@ -152,7 +153,7 @@ def table(p: dict) -> str:
     remat_note = (f", gradient checkpointing ({p['remat_policy'] or 'nothing saved'})"
                   if p["gradient_checkpointing"] else "")
     lines = [f"{p['model']}: {p['parameters'] / 1e6:.1f}M parameters, mesh {mesh} "
-             f"({p['devices']} {p['backend']} devices){remat_note}",
+             f"({p['devices']} {p['backend']} devices), {p.get('compute_dtype', 'float32')} compute{remat_note}",
              f"{'':28}{'total':>12}{'per device':>14}"]
 
     def row(name, total, per_device):

@@ -37,6 +37,7 @@ from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.loading import load_splits, subsample
 from ftjax.data.streaming import BlockStream, StreamBatcher, prepare_streaming
 from ftjax.errors import FtjaxError
+from ftjax.flops import FlopCounter, optimizer_flops, peak_tflops
 from ftjax.lora import Adaptation, export_peft
 from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
                           place_params)
@@ -173,7 +174,8 @@ class Trainer:
     def place_params(self, weights):
         """The model's parameters created in, or sent leaf by leaf to, their partition-rule shardings
         (``ftjax.models.place_params``): no device ever holds more than its shards."""
-        return place_params(self.model, weights, self.param_shardings(abstract_params(self.model)))
+        return place_params(self.model, weights, self.param_shardings(abstract_params(self.model)),
+                            self.config.model.head_init)
 
     @staticmethod
     def loss_fn(task: Task, model, args, adaptation: Optional[Adaptation] = None) -> Callable:
@@ -344,6 +346,10 @@ class Trainer:
         self._window: list[dict] = []  # fetched step metrics not logged yet
         self._evals: dict[int, dict] = {}  # step -> validation metrics of this session
         self.examples, self.seconds, self._started = 0.0, 0.0, None
+        accum = args.gradient_accumulation_steps  # for TFLOP/s and MFU:
+        self.flops = FlopCounter(accum, optimizer_flops(self.tx, self.state) if accum > 1 else 0.0)
+        self.peak_tflops = peak_tflops(jax.devices()[0].device_kind, "bfloat16" if self.model.dtype == jnp.bfloat16
+                                       else "float32", args.device_peak_tflops)
         self.batcher("train").stats = type(self.batcher("train").stats)()
         previous_handler = self._install_sigterm_handler()
         try:
@@ -390,7 +396,9 @@ class Trainer:
                 batches = self._device_batches(self.batcher("train"), progress.epoch, progress.position,
                                                self.steps_per_epoch, args.gradient_accumulation_steps, train=True)
                 for batch in batches:
-                    self.state, metrics = self.train_step(self.state, batch, *([self.frozen] if self.adaptation else []))
+                    frozen = [self.frozen] if self.adaptation else []
+                    self.state, metrics = self.train_step(self.state, batch, *frozen)
+                    self.flops.count(self.train_step, self.state, batch, *frozen)
                     self.step += 1
                     progress.position += 1
                     if progress.position == self.steps_per_epoch:
@@ -437,7 +445,8 @@ class Trainer:
         self._window.clear()
         means.update(learning_rate=float(self.schedule(self.step - 1)),
                      epoch=self.progress.epoch + self.progress.position / self.steps_per_epoch,
-                     examples_per_second=self.examples / max(self._train_seconds(), 1e-9))
+                     examples_per_second=self.examples / max(self._train_seconds(), 1e-9),
+                     **self.flops.report(self._train_seconds(), self.peak_tflops))
         self.logger.log(self.step, means, "train/")
 
     def _train_seconds(self) -> float:
@@ -514,6 +523,8 @@ class Trainer:
             "global_step": self.step, "epochs": p.epoch + p.position / self.steps_per_epoch,
             "data_preparation_s": self.data_seconds, "train_runtime_s": self.seconds, "train_examples": self.examples,
             "train_examples_per_second": self.examples / max(self.seconds, 1e-9),
+            **self.flops.report(self.seconds, self.peak_tflops), "flops": self.flops.total,
+            "device_peak_tflops": self.peak_tflops, "device_kind": jax.devices()[0].device_kind,
             "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
             "padding_efficiency": train.stats.padding_efficiency,
             "compiles": {"train_step": self.train_step._cache_size(),
