@@ -114,7 +114,10 @@ class TrainingConfig:
     greater_is_better: Optional[bool] = None
     early_stopping_patience: Optional[int] = None
     seed: int = 42
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    # Unset or "latest": resume from the newest intact checkpoint in output_dir, if any (a re-run
+    # command continues); or a checkpoint folder .../checkpoints/<step>.
+    resume_from_checkpoint: Optional[str] = None
+    preemption_exit_code: int = 143  # exit code after SIGTERM saved a checkpoint (128 + SIGTERM)
     bf16: bool = False
     # Recompute each transformer layer's activations in the backward pass: less memory for about
     # one more forward pass. remat_policy: what a layer may keep (jax.checkpoint_policies.<name>);

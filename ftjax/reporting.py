@@ -62,3 +62,20 @@ class RunLogger:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the records after ``step`` from a JSONL log: a run resumed from ``step`` logs the
+    steps after it again, and the log must not hold them twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    path.write_text("".join(kept))
