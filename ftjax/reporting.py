@@ -18,7 +18,9 @@ class RunLogger:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         if "jsonl" in report_to:
-            self.jsonl = open(output_dir / "log.jsonl", "a")
+            path = output_dir / "log.jsonl"  # a resumed run's history starts with the steps before it
+            self.history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+            self.jsonl = open(path, "a")
         if "tensorboard" in report_to:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(output_dir / "tensorboard"))

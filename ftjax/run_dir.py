@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,9 +43,18 @@ def check_writable(output_dir: str | Path) -> Path:
     if not existing.is_dir():
         raise FtjaxError(f"output_dir {out} lies under {existing}, which is a file: choose another "
                          "training.output_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FtjaxError(f"output_dir {out} is not writable ({existing} does not allow writing): choose "
-                         "another training.output_dir")
+    try:  # a real write, not os.access (which says yes to root on a read-only file system)
+        if out.is_dir():
+            tempfile.TemporaryFile(dir=out).close()
+        else:
+            out.mkdir(parents=True)
+            while out != existing:  # leave no trace: a run that then fails on its inputs wrote nothing
+                out.rmdir()
+                out = out.parent
+            out = Path(output_dir).absolute()
+    except OSError as e:
+        raise FtjaxError(f"output_dir {out} cannot be created or written to ({e.strerror}): choose another "
+                         "training.output_dir") from None
     return out
 
 
