@@ -61,7 +61,9 @@ def read_records(path: str, text_column: str | list[str]) -> list[dict]:
 
 
 def cmd_train(cfg) -> dict:
+    from ftjax.run_dir import check_writable
     from ftjax.trainer import Trainer
+    check_writable(cfg.training.output_dir)  # before any data or model work
     return Trainer(cfg).train()
 
 
@@ -217,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     except FtjaxError as e:
         print(f"ftjax: error: {e}", file=sys.stderr)
         return 2
+    code = result.pop("exit_code", 0)  # training.preemption_exit_code after a SIGTERM save
     if _headline(result):
         print(_headline(result), file=sys.stderr)
     print(json.dumps(_summary(result)))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -153,7 +153,10 @@ class TrainingConfig:
     greater_is_better: Optional[bool] = None
     early_stopping_patience: Optional[int] = None
     seed: int = 42
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    # Unset or "latest": resume from the newest intact checkpoint in output_dir, if any (a re-run
+    # command continues); or a checkpoint folder .../checkpoints/<step>.
+    resume_from_checkpoint: Optional[str] = None
+    preemption_exit_code: int = 143  # exit code after SIGTERM saved a checkpoint (128 + SIGTERM)
     bf16: bool = False
     # Peak TFLOP/s of one device for the logs' MFU; null: ftjax.flops.PEAK_TFLOPS by device kind.
     device_peak_tflops: Optional[float] = None

@@ -18,7 +18,9 @@ class RunLogger:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         if "jsonl" in report_to:
-            self.jsonl = open(output_dir / "log.jsonl", "a")
+            path = output_dir / "log.jsonl"  # a resumed run's history starts with the steps before it
+            self.history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+            self.jsonl = open(path, "a")
         if "tensorboard" in report_to:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(output_dir / "tensorboard"))
@@ -62,3 +64,20 @@ class RunLogger:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the records after ``step`` from a JSONL log: a run resumed from ``step`` logs the
+    steps after it again, and the log must not hold them twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    path.write_text("".join(kept))

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,9 +28,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from ftjax import hub, model_card, sharding as S
-from ftjax.checkpoint import (Checkpointer, abstract_like, export_pretrained, export_pytorch, metric_key,
-                              resolve_resume)
+from ftjax import fault_points, hub, model_card, sharding as S
+from ftjax.checkpoint import Checkpointer, abstract_like, export_pretrained, export_pytorch, metric_key, state_check
 from ftjax.config import Config
 from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
@@ -42,7 +41,9 @@ from ftjax.lora import Adaptation, export_peft
 from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
                           place_params)
 from ftjax.optim import make_optimizer
-from ftjax.reporting import RunLogger
+from ftjax.reporting import RunLogger, truncate_log
+from ftjax.resume import plan_resume, restore_newest_intact, signature
+from ftjax.run_dir import RunLock, check_writable, clear_previous_run
 from ftjax.step import TrainState, make_eval_step, make_train_step
 from ftjax.tasks import Task, get_task
 from ftjax.tasks.base import Split
@@ -72,6 +73,11 @@ class Progress:
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
     bad_evals: int = 0  # evaluations since the best one (early stopping)
+    examples: float = 0.0  # training examples of the whole run, across resumes
+    hooks_done: list = dataclasses.field(default_factory=list)  # hooks that already ran at this step
+
+
+log = logging.getLogger("ftjax")
 
 
 class Trainer:
@@ -223,7 +229,8 @@ class Trainer:
             self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                                     opt_state=opt_state, rng=jax.device_put(rng, replicated))
         del params
-        self.model._params = None  # the state owns the parameters now
+        if not resuming:  # (resuming: dropped once a checkpoint is restored; a fresh start needs them)
+            self.model._params = None  # the state owns the parameters now
         accum = self.args.gradient_accumulation_steps
         self.train_step = jax.jit(
             make_train_step(self.loss_fn(self.task, self.model, self.args, self.adaptation), self.tx, accum),
@@ -269,6 +276,7 @@ class Trainer:
             raise FtjaxError(f"no {split} split to evaluate")
         data = self.splits[split]
         out = self._outputs(self.batcher(split), params)
+        fault_points.reached("evaluate")
         metrics = self.task.metrics(out, data.meta)
         if "loss_sum" in out:
             metrics["loss"] = float(out["loss_sum"].sum() / max(out["loss_weight"].sum(), 1.0))
@@ -288,14 +296,6 @@ class Trainer:
         return self.task.predictions(self._outputs(self._batcher(data.rows, train=False)), data.meta)
 
     # ---------------------------------------------------------------- training
-    def _check_output_dir(self, resuming: bool) -> None:
-        out = self.output_dir
-        if out.exists() and any(out.iterdir()) and not resuming:
-            if not self.args.overwrite_output_dir:
-                raise FtjaxError(f"output_dir {out} exists and is not empty; set "
-                                 "training.overwrite_output_dir=true or training.resume_from_checkpoint=latest")
-            if self.is_main:
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     def _hooks(self, steps_per_epoch: int) -> list[Hook]:
         """The periodic actions TrainingArguments ask for, in the order they run at one step."""
@@ -316,30 +316,52 @@ class Trainer:
         return hooks
 
     def train(self) -> dict[str, Any]:
-        """Trains as configured and returns (and writes) the final results."""
+        """Trains as configured and returns (and writes) the final results; resumes from the newest
+        intact checkpoint in output_dir (``ftjax.resume``). Process 0 holds the output_dir's lock."""
+        check_writable(self.output_dir)
+        lock = RunLock(self.output_dir).acquire() if self.is_main else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict[str, Any]:
         args = self.args
         hub.check_push(args.push_to_hub, args.hub_model_id)
         ckpt_dir = self.output_dir / "checkpoints"
-        resume_dir, resume_step = resolve_resume(args.resume_from_checkpoint, ckpt_dir)
-        self._check_output_dir(resuming=resume_step is not None)
+        plan = plan_resume(args, self.output_dir, self.is_main)
         if jax.process_count() > 1:  # nobody writes before every process has checked the output dir
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("ftjax: output_dir checked")
         self.steps_per_epoch = int(agree_max([self.batcher("train").num_batches()])[0])
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * self.steps_per_epoch)
-        self.init_state(total, resuming=resume_step is not None)
+        self.init_state(total, resuming=bool(plan.steps))
         self.metric = metric_key(args.metric_for_best_model)
         self.greater = args.greater_is_better if args.greater_is_better is not None else self.metric != "loss"
         # Always there: SIGTERM saves even with save_strategy "no" (which only stops periodic saves).
         self.ckpt = Checkpointer(ckpt_dir, args.save_total_limit, self.metric, self.greater)
         self.progress, self.step = Progress(), 0
-        if resume_step is not None:
-            source = self.ckpt if resume_dir == ckpt_dir else Checkpointer(resume_dir)
-            self.state, meta = source.restore(resume_step, abstract_like(self.state, self.state_shardings))
-            self.progress = Progress(**meta["progress"])
-            if "stream" in meta:  # each process back to the next unseen token of its stream
-                self.batcher("train").load_state_dict(meta["stream"][jax.process_index()])
-            self.step = int(self.state.step)
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * S.data_parallel_size(self.mesh)
+        self.signature = signature(self.config, self.model.config, batch)
+        if plan.steps:
+            found = restore_newest_intact(plan, self.ckpt, abstract_like(self.state, self.state_shardings),
+                                          self.signature)
+            self.ckpt.delete_after(found[2] if found else None)  # so that `latest` never lands on them
+            if found is None:  # every checkpoint was corrupt: a fresh start
+                if self.is_main:
+                    clear_previous_run(self.output_dir)
+                self.init_state(total)
+            else:
+                self.state, meta, _ = found
+                self.model._params = None
+                self.progress = Progress(**meta["progress"])
+                if "stream" in meta:  # each process back to the next unseen token of its stream
+                    self.batcher("train").load_state_dict(meta["stream"][jax.process_index()])
+                self.step = int(self.state.step)
+                if self.is_main:
+                    truncate_log(self.output_dir / "log.jsonl", self.step)  # steps after it are trained again
+                    log.info("resuming from %s at step %d", plan.directory / str(found[2]), self.step)
         self._write_json("config.json", self._config_record())
         self.logger = RunLogger(self.output_dir, args.report_to)
         self._pending: list[tuple[int, dict]] = []  # step metrics still on the device
@@ -364,15 +386,16 @@ class Trainer:
         if stopped_by == "SIGTERM":
             self.logger.close()
             self.ckpt.close()
-            return {"status": "stopped by SIGTERM; resume with training.resume_from_checkpoint=latest",
-                    "step": self.step}
+            return {"status": f"stopped by SIGTERM after saving checkpoints/{self.step}; run the same command "
+                              "again to resume", "step": self.step, "exit_code": args.preemption_exit_code}
         return self._finish(stopped_by)
 
     def _loop(self, hooks: list[Hook], total: int) -> Optional[str]:
         """Train steps until ``total``, each followed by the hooks that are due; then every hook
         that did not run at the last step runs once. Returns what stopped the run early."""
         args, progress = self.args, self.progress
-        last_run: dict[str, int] = {}
+        # hook -> step it last ran at; a resumed run knows which hooks ran at its checkpoint's step
+        last_run = self._last_run = {name: self.step for name in progress.hooks_done}
 
         def run_hooks(final: bool) -> None:
             for hook in hooks:
@@ -398,6 +421,7 @@ class Trainer:
                 for batch in batches:
                     frozen = [self.frozen] if self.adaptation else []
                     self.state, metrics = self.train_step(self.state, batch, *frozen)
+                    fault_points.reached("train_step")
                     self.flops.count(self.train_step, self.state, batch, *frozen)
                     self.step += 1
                     progress.position += 1
@@ -430,9 +454,10 @@ class Trainer:
         fetched = jax.device_get([m for _, m in self._pending])
         for (s, _), m in zip(self._pending, fetched):
             if not np.isfinite(m["loss"]):
-                raise FtjaxError(f"loss is {m['loss']} at step {s}: training stopped; the last good "
-                                 f"checkpoint is in {self.output_dir / 'checkpoints'}")
-        self.examples += sum(float(m.get("examples", m["weight"])) for m in fetched)
+                raise FtjaxError(f"loss is {m['loss']} at step {s}: training stopped; {self._last_good()}")
+        examples = sum(float(m.get("examples", m["weight"])) for m in fetched)
+        self.examples += examples
+        self.progress.examples += examples
         self._window += fetched
         self._pending.clear()
 
@@ -485,10 +510,24 @@ class Trainer:
         if self.step in self.ckpt.all_steps():
             return
         self._fetch()  # no checkpoint after a NaN/Inf loss
-        meta = {"progress": dataclasses.asdict(self.progress), "config": self._config_record()}
+        digest, finite = state_check(self.state)  # the state itself, not only the losses before it
+        if not finite:
+            raise FtjaxError(f"the parameters at step {self.step} hold NaN or Inf: training stopped; "
+                             f"{self._last_good()}")
+        self.progress.hooks_done = [name for name, step in self._last_run.items() if step == self.step]
+        meta = {"progress": dataclasses.asdict(self.progress), "config": self._config_record(),
+                "signature": self.signature}
         if isinstance(self.batcher("train"), StreamBatcher):  # the data position of every process
             meta["stream"] = self.batcher("train").gathered_state(self.step)
-        self.ckpt.save(self.step, self.state, meta, self._evals.get(self.step))
+        self.ckpt.save(self.step, self.state, meta, self._evals.get(self.step), digest=digest)
+
+    def _last_good(self) -> str:
+        """Names the newest checkpoint, the last good one (every save checks the state is finite)."""
+        self.ckpt.wait()
+        steps = self.ckpt.all_steps()
+        if not steps:
+            return "no checkpoint was saved before it"
+        return f"the last good checkpoint is {self.ckpt.directory / str(max(steps))}"
 
     def _check_preemption(self) -> None:
         """Stops (and saves) after SIGTERM; with many processes when any of them got it, so all
@@ -521,7 +560,7 @@ class Trainer:
         train = self.batcher("train")
         results = {"train": {
             "global_step": self.step, "epochs": p.epoch + p.position / self.steps_per_epoch,
-            "data_preparation_s": self.data_seconds, "train_runtime_s": self.seconds, "train_examples": self.examples,
+            "data_preparation_s": self.data_seconds, "train_runtime_s": self.seconds, "train_examples": p.examples,
             "train_examples_per_second": self.examples / max(self.seconds, 1e-9),
             **self.flops.report(self.seconds, self.peak_tflops), "flops": self.flops.total,
             "device_peak_tflops": self.peak_tflops, "device_kind": jax.devices()[0].device_kind,
