@@ -36,13 +36,13 @@ from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.loading import load_splits, subsample
 from ftjax.errors import FtjaxError
-from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
-                          place_params)
+from ftjax.models import (abstract_params, attach_params, check_max_length, gradient_checkpointing, load_tokenizer,
+                          locate, place_params)
 from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger
 from ftjax.step import TrainState, make_eval_step, make_train_step
 from ftjax.tasks import Task, get_task
-from ftjax.tasks.base import Split
+from ftjax.tasks.base import Split, check_best_metric
 
 
 class TrainingStopped(Exception):
@@ -95,6 +95,7 @@ class Trainer:
             model_cfg = dataclasses.replace(model_cfg, name_or_path=model_path, from_scratch=False)
         if not model_cfg.from_scratch:
             locate(model_cfg.name_or_path)  # fail on a bad model path before any data work
+        check_max_length(model_cfg)
         self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(model_cfg))
         started = time.perf_counter()
         self.splits: dict[str, Split] = self._prepare_data() if with_data else {}
@@ -286,6 +287,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Trains as configured and returns (and writes) the final results."""
         args = self.args
+        if args.eval_strategy != "no" or args.load_best_model_at_end:
+            check_best_metric(self.task, metric_key(args.metric_for_best_model))
         ckpt_dir = self.output_dir / "checkpoints"
         resume_dir, resume_step = resolve_resume(args.resume_from_checkpoint, ckpt_dir)
         self._check_output_dir(resuming=resume_step is not None)
@@ -491,7 +494,8 @@ class Trainer:
                     or self.evaluate(split)
         host_params = jax.tree.map(to_host, self.state.params)  # collective: every process takes part
         if self.is_main:
-            export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export")
+            export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export",
+                              self.config.model.max_length)
             if self.args.export_pytorch:
                 results["train"]["pytorch_export"] = export_pytorch(self.output_dir / "export", self.task.auto_class)
             self.logger.plot(self.output_dir / "loss.png")
