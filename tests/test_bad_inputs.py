@@ -320,3 +320,18 @@ def test_counts():
     """The README's reliability numbers come from this file."""
     errors = sum(1 for c in CASES if c[3][0] != OK)
     assert len(CASES) >= 60 and errors == len(CASES) - 6
+
+
+def test_export_files_match_the_run(shared, tmp_path):
+    """The exported tokenizer says the length the model was trained at, and the PyTorch weights
+    get the mode of the export's other files (safetensors writes 0600)."""
+    import transformers
+    from ftjax.checkpoint import export_pretrained, export_pytorch
+    model = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(shared["model"], num_labels=2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(shared["model"])
+    export_pretrained(model, model.params, tokenizer, tmp_path / "export", max_length=32)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert reloaded.model_max_length == 32
+    if export_pytorch(tmp_path / "export", "FlaxAutoModelForSequenceClassification"):  # torch installed
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "export").iterdir()}
+        assert modes["model.safetensors"] == modes["config.json"] == modes["tokenizer_config.json"]
