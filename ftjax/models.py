@@ -126,7 +126,8 @@ def model_config(cfg: ModelConfig, **overrides):
 
 
 # Models whose position ids start after the padding id: two of their position embeddings are unusable.
-POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "bart": 2, "mbart": 2}
+# (BART's table holds max_position_embeddings + 2 rows, so all of its configured positions are usable.)
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
 
 
 def max_positions(conf) -> Optional[int]:

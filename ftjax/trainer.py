@@ -95,7 +95,8 @@ class Trainer:
             model_cfg = dataclasses.replace(model_cfg, name_or_path=model_path, from_scratch=False)
         if not model_cfg.from_scratch:
             locate(model_cfg.name_or_path)  # fail on a bad model path before any data work
-        check_max_length(model_cfg)
+        if self.task.max_length == model_cfg.max_length:  # (an LM block_size is checked by the LM task)
+            check_max_length(model_cfg)
         self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(model_cfg))
         started = time.perf_counter()
         self.splits: dict[str, Split] = self._prepare_data() if with_data else {}
