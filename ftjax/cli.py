@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if name != "train":
             p.add_argument("--model", help="model folder (default: OUTPUT_DIR/export)")
         if name == "predict":
-            p.add_argument("--input", required=True, help=".txt (one text a line), .csv or .jsonl")
+            p.add_argument("--input", required=True, help=".txt (one text a line), .csv / .tsv, .jsonl or .json (array)")
             p.add_argument("--output", help="JSONL output (default: OUTPUT_DIR/predictions.jsonl)")
     plan = sub.add_parser("plan", help="memory and FLOPs of one train step, compiled from shapes (no weights read)")
     plan.add_argument("config", help="YAML config (see configs/)")

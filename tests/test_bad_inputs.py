@@ -279,6 +279,8 @@ def test_input(name, command, setup, expected, shared, tmp_path, capsys):
         assert code == 0 and len(rows) == expected[1], err
         assert all(r["prediction"]["label"] in {"negative", "neutral", "positive"} for r in rows)
         assert not any("longer than the specified maximum" in r.getMessage() for r in seen.records)
+        if name == "predict_txt_unicode_separators":
+            assert [r["text"] for r in rows] == ["one\u2028two", "three\x0cfour", "five\x85six", "seven"]
         if name == "predict_csv_multiline_field":
             assert rows[0]["text"] == "first line\nsecond line"
         if name == "predict_jsonl_raw_u2028":
@@ -316,10 +318,12 @@ def test_entry_point_prints_one_line_not_a_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"ftjax: error: config file {bad} is not valid YAML")
 
 
-def test_counts():
-    """The README's reliability numbers come from this file."""
+def test_readme_counts():
+    """The README's reliability numbers are this file's."""
     errors = sum(1 for c in CASES if c[3][0] != OK)
-    assert len(CASES) >= 60 and errors == len(CASES) - 6
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert len(CASES) >= 60
+    assert f"tries {len(CASES)} inputs" in readme and f"{errors} clear one-line errors, {len(CASES) - errors} unusual" in readme
 
 
 def test_export_files_match_the_run(shared, tmp_path):
