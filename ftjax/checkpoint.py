@@ -184,13 +184,15 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def export_pretrained(model, params, tokenizer, directory: str | Path) -> Path:
+def export_pretrained(model, params, tokenizer, directory: str | Path, max_length: Optional[int] = None) -> Path:
     """``save_pretrained`` (Flax msgpack weights + config) and the tokenizer, loadable by
     ``FlaxAutoModel*.from_pretrained`` and, with torch installed, by ``pipeline(...)``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.dtype = "float32"  # the weights' dtype; a jnp type here would be written as "numpy"
     model.save_pretrained(directory, params=jax.device_get(params))
+    if max_length is not None:  # the length the model was trained at, not the base checkpoint's
+        tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = max_length
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -212,4 +214,9 @@ def export_pytorch(directory: str | Path, flax_auto_class: str) -> bool:
     proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise FtjaxError(f"PyTorch export failed: {proc.stderr.strip().splitlines()[-1]}")
+    # safetensors writes its file 0600; give it the mode of the export's other files (umask's 0644)
+    directory = Path(directory)
+    mode = (directory / "config.json").stat().st_mode & 0o777
+    for weights in directory.glob("model*.safetensors*"):
+        weights.chmod(mode)
     return True

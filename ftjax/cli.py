@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -41,23 +40,9 @@ def _headline(results: dict) -> str:
 
 
 def read_records(path: str, text_column: str | list[str]) -> list[dict]:
-    """Inputs for predict: a .txt file (one text a line), .csv / .tsv, or .jsonl / .json lines."""
-    columns = [text_column] if isinstance(text_column, str) else list(text_column)
-    p = Path(path)
-    if not p.is_file():
-        raise FtjaxError(f"input file not found: {path}")
-    suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if suffix in (".csv", ".tsv"):
-        records = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix in (".jsonl", ".json"):
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = [{columns[0]: line} for line in text.splitlines()]
-    missing = [c for c in columns if records and c not in records[0]]
-    if missing:
-        raise FtjaxError(f"{path}: column '{missing[0]}' not found (columns: {', '.join(records[0])})")
-    return records
+    """Inputs for predict, one record per input line / row (``ftjax.data.records``)."""
+    from ftjax.data.records import read_records as read
+    return read(path, [text_column] if isinstance(text_column, str) else list(text_column))
 
 
 def cmd_train(cfg) -> dict:
@@ -101,8 +86,16 @@ def cmd_compare(args) -> dict:
 
 
 def _trained_model(cfg, model: str | None) -> str:
+    """``--model``, else OUTPUT_DIR/export. The base model only for tasks whose pretrained head is
+    the model (``Task.base_model_predicts``: fill-mask, generation); elsewhere its head is random."""
+    from ftjax.tasks.base import task_class
     export = Path(cfg.training.output_dir) / "export"
-    return model or (str(export) if export.is_dir() else cfg.model.name_or_path)
+    if model or export.is_dir():
+        return model or str(export)
+    if task_class(cfg.task).base_model_predicts:
+        logging.getLogger("ftjax").info("no %s: using the base model %s", export, cfg.model.name_or_path)
+        return cfg.model.name_or_path
+    raise FtjaxError(f"no trained model: {export} does not exist; train first (ftjax train) or pass --model FOLDER")
 
 
 def cmd_eval(cfg, model: str | None) -> dict:
@@ -121,7 +114,8 @@ def cmd_predict(cfg, model: str | None, input_path: str, output_path: str | None
     trainer = Trainer(cfg, task=task, model_path=_trained_model(cfg, model), with_data=False)
     keep = [i for i, r in enumerate(records) if all(str(r.get(c) or "").strip() for c in columns)]
     limit = cfg.model.max_length
-    too_long = sum(len(trainer.tokenizer(str(records[i][column]))["input_ids"]) > limit for i in keep)
+    # verbose=False: no "longer than the specified maximum" warning, these are truncated / windowed
+    too_long = sum(len(trainer.tokenizer(str(records[i][column]), verbose=False)["input_ids"]) > limit for i in keep)
     preds = trainer.predict([records[i] for i in keep]) if keep else []
     rows = [{**r, "prediction": trainer.task.empty_prediction, "note": "empty input"} for r in records]
     for i, p in zip(keep, preds):
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if name != "train":
             p.add_argument("--model", help="model folder (default: OUTPUT_DIR/export)")
         if name == "predict":
-            p.add_argument("--input", required=True, help=".txt (one text a line), .csv or .jsonl")
+            p.add_argument("--input", required=True, help=".txt (one text a line), .csv / .tsv, .jsonl or .json (array)")
             p.add_argument("--output", help="JSONL output (default: OUTPUT_DIR/predictions.jsonl)")
     plan = sub.add_parser("plan", help="memory and FLOPs of one train step, compiled from shapes (no weights read)")
     plan.add_argument("config", help="YAML config (see configs/)")

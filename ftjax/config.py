@@ -385,6 +385,13 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
 
 # ---- loading -----------------------------------------------------------------------------------
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: what is wrong and where (line:column, 1-based)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Applies ``a.b=value`` strings (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -402,7 +409,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise FtjaxError(f"override '{item}': the value is not valid YAML ({e.problem})") from None
+            raise FtjaxError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); "
+                             "quote it or close its brackets") from None
     return values
 
 
@@ -413,7 +421,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         path = Path(path)
         if not path.is_file():
             raise FtjaxError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise FtjaxError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+        except UnicodeDecodeError:
+            raise FtjaxError(f"config file {path} is not UTF-8 text") from None
         if not isinstance(values, dict):
             raise FtjaxError(f"config file {path} must hold a mapping at the top level")
     apply_overrides(values, overrides or [])
@@ -427,8 +440,26 @@ def validate(config: Config) -> None:
     t = config.training
     if t.load_best_model_at_end and t.eval_strategy == "no":
         raise FtjaxError("training.load_best_model_at_end needs an eval_strategy other than 'no'")
-    if min(t.per_device_train_batch_size, t.per_device_eval_batch_size, t.gradient_accumulation_steps) < 1:
-        raise FtjaxError("training batch sizes and gradient_accumulation_steps must be >= 1")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps"):
+        if getattr(t, key) < 1:
+            raise FtjaxError(f"training.{key} must be >= 1, got {getattr(t, key)}")
+    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+        raise FtjaxError(f"training.num_train_epochs must be > 0 (got {t.num_train_epochs}), "
+                         "or set training.max_steps to a positive number of steps")
+    if t.save_steps < 1:
+        raise FtjaxError(f"training.save_steps must be >= 1, got {t.save_steps}; "
+                         "to turn periodic saving off set training.save_strategy=no")
+    if t.eval_steps is not None and t.eval_steps < 1:
+        raise FtjaxError(f"training.eval_steps must be >= 1 (or null: logging_steps), got {t.eval_steps}")
+    d, m = config.data, config.model
+    for key in ("max_train_samples", "max_eval_samples"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            raise FtjaxError(f"data.{key} must be >= 1 (or null: every example), got {getattr(d, key)}")
+    if m.max_length < 1:
+        raise FtjaxError(f"model.max_length must be >= 1 (tokens per example), got {m.max_length}")
+    if not d.bucket_lengths or min(d.bucket_lengths) < 1:
+        raise FtjaxError(f"data.bucket_lengths must be positive token counts, got {d.bucket_lengths}")
     for i, (pattern, _) in enumerate(config.mesh.rules):
         try:
             re.compile(pattern)

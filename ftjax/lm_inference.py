@@ -37,7 +37,7 @@ def target_ids(tokenizer, targets: list[str]) -> list[int]:
     """The first token of each target word (as the fill-mask pipeline does)."""
     ids = []
     for t in targets:
-        pieces = tokenizer(str(t), add_special_tokens=False)["input_ids"]
+        pieces = tokenizer(str(t), add_special_tokens=False, verbose=False)["input_ids"]
         if not pieces:
             raise FtjaxError(f"fill-mask target {t!r} has no tokens")
         ids.append(pieces[0])

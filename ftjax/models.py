@@ -42,6 +42,7 @@ from ftjax.runtime import transformers_without_torch
 
 transformers_without_torch()  # must precede the first `import transformers`
 import transformers  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 
 FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
 PT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -126,6 +127,32 @@ def model_config(cfg: ModelConfig, **overrides):
     return conf
 
 
+# Models whose position ids start after the padding id: two of their position embeddings are unusable.
+# (BART's table holds max_position_embeddings + 2 rows, so all of its configured positions are usable.)
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+
+
+def max_positions(conf) -> Optional[int]:
+    """Tokens the model's learned position embeddings cover, or None when it has none to exceed
+    (relative positions as in T5, rotary embeddings as in Llama)."""
+    if getattr(conf, "rope_theta", None) is not None or getattr(conf, "rope_scaling", None) is not None:
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(conf, key, None)
+        if isinstance(value, int) and value > 0:
+            return value - POSITION_OFFSET.get(conf.model_type, 0)
+    return None
+
+
+def check_max_length(cfg: ModelConfig) -> None:
+    """``model.max_length`` within the model's position embeddings, read from its config before any
+    data or weights are touched (past them the embeddings index out of range: NaN scores)."""
+    limit = max_positions(model_config(cfg))
+    if limit is not None and cfg.max_length > limit:
+        raise FtjaxError(f"model.max_length={cfg.max_length} is more than the {limit} positions of model "
+                         f"'{cfg.name_or_path}'; set model.max_length <= {limit}")
+
+
 def host_device():
     """The host (CPU) device checkpoints are read into, so that no accelerator ever holds a whole
     copy of the weights; None (jax's default device) when this jax has no CPU backend."""
@@ -163,6 +190,9 @@ def load_model(auto_class: str, cfg: ModelConfig, bf16: bool = False, read_weigh
                                          **model_kwargs)
     except (OSError, ValueError) as e:
         raise FtjaxError(f"cannot load model from '{name}': {str(e).splitlines()[0]}") from None
+    except SafetensorError as e:  # a truncated or corrupt model.safetensors
+        raise FtjaxError(f"cannot read the weights in '{name}' ({e}): the safetensors file is truncated or "
+                         "corrupt; copy or download it again") from None
     return detach_params(loaded) if whole else loaded
 
 

@@ -38,15 +38,15 @@ from ftjax.data.streaming import BlockStream, StreamBatcher, prepare_streaming
 from ftjax.errors import FtjaxError
 from ftjax.flops import FlopCounter, optimizer_flops, peak_tflops
 from ftjax.lora import Adaptation, export_peft
-from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
-                          place_params)
+from ftjax.models import (abstract_params, attach_params, check_max_length, gradient_checkpointing, load_tokenizer,
+                          locate, place_params)
 from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger, truncate_log
 from ftjax.resume import plan_resume, restore_newest_intact, signature
 from ftjax.run_dir import RunLock, check_writable, clear_previous_run
 from ftjax.step import TrainState, make_eval_step, make_train_step
 from ftjax.tasks import Task, get_task
-from ftjax.tasks.base import Split
+from ftjax.tasks.base import Split, check_best_metric
 
 
 class TrainingStopped(Exception):
@@ -104,6 +104,8 @@ class Trainer:
             model_cfg = dataclasses.replace(model_cfg, name_or_path=model_path, from_scratch=False)
         if not model_cfg.from_scratch:
             locate(model_cfg.name_or_path)  # fail on a bad model path before any data work
+        if self.task.max_length == model_cfg.max_length:  # (an LM block_size is checked by the LM task)
+            check_max_length(model_cfg)
         self.tokenizer = self.task.adapt_tokenizer(load_tokenizer(model_cfg))
         started = time.perf_counter()
         self.splits: dict[str, Split] = self._prepare_data() if with_data else {}
@@ -329,6 +331,8 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         args = self.args
         hub.check_push(args.push_to_hub, args.hub_model_id)
+        if args.eval_strategy != "no" or args.load_best_model_at_end:
+            check_best_metric(self.task, metric_key(args.metric_for_best_model))
         ckpt_dir = self.output_dir / "checkpoints"
         plan = plan_resume(args, self.output_dir, self.is_main)
         if jax.process_count() > 1:  # nobody writes before every process has checked the output dir
@@ -579,7 +583,8 @@ class Trainer:
         host_params = jax.tree.map(to_host, self.params())  # collective: every process takes part
         adapter = jax.tree.map(to_host, self.state.params) if self.adaptation and self.adaptation.targets else None
         if self.is_main:
-            export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export")
+            export_pretrained(self.model, host_params, self.tokenizer, self.output_dir / "export",
+                              self.config.model.max_length)
             if adapter is not None:  # and the adapter alone, in PEFT's format
                 lora = self.config.model.lora
                 export_peft(self.adaptation, adapter, self.output_dir / "export" / "adapter", self.task.auto_class,

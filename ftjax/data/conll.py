@@ -48,6 +48,8 @@ def read_conll(path: str, tag_column: int = -1) -> list[Sentence]:
     p = Path(path)
     if not p.is_file():
         raise FtjaxError(f"data file not found: {path}")
+    from ftjax.data.records import replaced_bytes, warn_replaced
+    warn_replaced(path, replaced_bytes(p))
     sentences: list[Sentence] = []
     current = Sentence([], [], 0, [])
     with open(p, encoding="utf-8", errors="replace") as f:

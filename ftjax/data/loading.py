@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Optional
 
 import datasets
 
 from ftjax.config import DataConfig
-from ftjax.data import conll, squad
+from ftjax.data import conll, records, squad
 from ftjax.errors import FtjaxError
 from ftjax.paths import hub_offline, resolve_path  # resolve_path stays importable from here too
 
@@ -31,18 +33,44 @@ def load_file(path: str) -> datasets.Dataset:
         if len(ds) == 0:
             raise FtjaxError(f"{path}: the file holds no examples")
         return ds
+    if p.stat().st_size == 0:
+        raise FtjaxError(f"{path}: the file is empty (0 bytes)")
     kwargs = {"encoding_errors": "replace"} if builder == "text" else {}
     if builder == "csv":
         kwargs = {"encoding_errors": "replace", "sep": "\t" if p.suffix.lower() == ".tsv" else ","}
+    if builder in ("csv", "text"):  # read with errors="replace": say how many bytes were not UTF-8
+        records.warn_replaced(path, records.replaced_bytes(path))
     try:
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
+        with _parser_errors_unlogged():
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
     except Exception as e:  # datasets raises many kinds; keep one line for the user
         if "corresponds to no data" in str(e):
             raise FtjaxError(f"{path}: the file holds no examples") from None
-        raise FtjaxError(f"{path}: cannot read as {builder}: {str(e).splitlines()[0]}") from None
+        records.diagnose(path, builder, kwargs.get("sep", ","))  # names the bad line when it finds it
+        raise FtjaxError(f"{path}: cannot read as {builder}: {_root_cause(e)}") from None
     if len(ds) == 0:
         raise FtjaxError(f"{path}: the file holds no examples")
     return ds
+
+
+@contextlib.contextmanager
+def _parser_errors_unlogged():
+    """datasets' builders log a parse error with its traceback before raising; ftjax reports it as one
+    line (``records.diagnose``), so those log records are dropped while a file is read."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps the parser's message (which has the line)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def split_mod10(ds: datasets.Dataset) -> datasets.DatasetDict:

@@ -64,6 +64,8 @@ class Task:
     Options: ClassVar[type] = NoOptions  # the ``task_options`` dataclass
     empty_prediction: ClassVar[Any] = None  # what ``ftjax predict`` writes for an empty input text
     long_inputs: ClassVar[str] = "truncated"  # or "windowed": what happens to inputs over max_length
+    # ``ftjax eval`` / ``predict`` without a trained export may use the base model (its LM head is the task).
+    base_model_predicts: ClassVar[bool] = False
 
     def __init__(self, config: Config):
         self.config = config
@@ -108,6 +110,11 @@ class Task:
     def predictions(self, outputs: dict[str, np.ndarray], meta: dict) -> list:
         """One prediction per record given to ``encode``."""
         raise NotImplementedError
+
+    def metric_names(self) -> Optional[set[str]]:
+        """The top-level names ``metrics`` returns with this config (after ``check``), so a
+        ``metric_for_best_model`` it never produces fails before training; None: not declared."""
+        return None
 
     # ---- optional hooks ----------------------------------------------------------------------
     def adapt_tokenizer(self, tokenizer):
@@ -163,6 +170,22 @@ def tokenize_split(task: Task, ds: datasets.Dataset, function, split: str, token
               **map_kwargs}
     return cached_map(ds, function, key=key, name=f"{task.name}-{name}-{split}",
                       cache_dir=task.config.data.cache_dir, **kwargs)
+
+
+ALWAYS_METRICS = ("loss", "num_examples")  # added by ``Trainer.evaluate`` to every task's metrics
+
+
+def check_best_metric(task: Task, metric: str) -> None:
+    """FtjaxError when the task never produces ``metric`` (the ``metric_for_best_model`` key)."""
+    names = task.metric_names()
+    if names is None or metric in names or metric in ALWAYS_METRICS:
+        return
+    valid = sorted(set(names) | set(ALWAYS_METRICS))
+    import difflib
+    close = difflib.get_close_matches(metric, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise FtjaxError(f"training.metric_for_best_model '{metric}' is not a metric of task '{task.name}' "
+                     f"(it produces: {', '.join(valid)}){hint}")
 
 
 def require_columns(ds: datasets.Dataset, split: str, columns: list[Optional[str]]) -> None:

@@ -39,9 +39,31 @@ class Classification(Task):
         d = self.config.data
         for split, ds in splits.items():
             require_columns(ds, split, [d.text_column, self.options.text_pair_column, d.label_column])
+            self._check_no_blank_labels(split, ds)
         self.label_names = self._label_names(splits)
         if not self.regression:
             self._check_labels(splits)
+            self._check_classes(splits["train"])
+
+    def _check_no_blank_labels(self, split: str, ds: datasets.Dataset) -> None:
+        """An empty label cell would make an int column float (-> regression) or a class 'None'."""
+        column = self.config.data.label_column
+        blank = next((i for i, v in enumerate(ds[column]) if v is None or (isinstance(v, float) and v != v)
+                      or (isinstance(v, str) and not v.strip())), None)
+        if blank is not None:
+            raise FtjaxError(f"{split} split, example {blank}: the label (column '{column}') is empty; "
+                             "fill it in or drop the row")
+
+    def _check_classes(self, train: datasets.Dataset) -> None:
+        """A classifier needs two classes in its training data (one trains a constant: loss 0)."""
+        column = self.config.data.label_column
+        seen = set(map(str, train.unique(column)))
+        if len(seen) < 2:
+            name = self.label_names[int(next(iter(seen)))] if isinstance(
+                train.features[column], datasets.ClassLabel) and seen else next(iter(seen), "")
+            raise FtjaxError(f"train split: every example has the label {name!r}; classification needs "
+                             f"at least 2 classes in column '{column}' (for a score use "
+                             "task_options.problem_type=regression)")
 
     def _label_names(self, splits: datasets.DatasetDict) -> Optional[list[str]]:
         d = self.config.data
@@ -144,6 +166,11 @@ class Classification(Task):
         return out
 
     # ---- host: scores ----------------------------------------------------------------------
+    def metric_names(self) -> set[str]:
+        if self.regression:
+            return {"mse", "pearson", "spearman"}
+        return {"accuracy"} | {f"{m}_{avg}" for m in ("precision", "recall", "f1") for avg in ("macro", "weighted")}
+
     def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
         if self.regression:
             return M.regression_metrics(outputs["prediction"], outputs["labels"])

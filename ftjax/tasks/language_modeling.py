@@ -41,6 +41,7 @@ class LanguageModeling(Task):
 
     causal: ClassVar[bool]
     Options = LanguageModelingOptions
+    base_model_predicts = True  # fill-mask / generation with the pretrained LM head
 
     def __init__(self, config):
         super().__init__(config)
@@ -121,6 +122,9 @@ class LanguageModeling(Task):
                 "loss_weight": w.sum(-1), "correct": correct.sum(-1)}
 
     # ---- host: scores ----------------------------------------------------------------------
+    def metric_names(self) -> set[str]:
+        return {"perplexity", "accuracy", "predicted_tokens", "packing_efficiency"}
+
     def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
         tokens = float(outputs["loss_weight"].sum())
         loss = float(outputs["loss_sum"].sum()) / max(tokens, 1.0)

@@ -141,7 +141,7 @@ class QuestionAnswering(Task):
             raise FtjaxError("qa needs a tokenizer that pads on the right (question first, then context)")
         questions = [q.lstrip() for q in questions]  # leading spaces break truncation room
         room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
-        q_lens = [len(x) for x in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+        q_lens = [len(x) for x in tokenizer(questions, add_special_tokens=False, verbose=False)["input_ids"]]
         bad = next((i for i, n in enumerate(q_lens) if room - n <= stride), None)
         if bad is not None:
             raise FtjaxError(f"{split} split, example {bad}: the question has {q_lens[bad]} tokens, which leaves "
@@ -267,6 +267,9 @@ class QuestionAnswering(Task):
             results.append({"answer": meta["contexts"][ex][s:e] if s >= 0 else "", "start": s, "end": e,
                             "score": float(probs[best])})
         return results
+
+    def metric_names(self) -> set[str]:
+        return {"exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"}
 
     def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
         answers = self.best_answers(outputs, meta)

@@ -174,6 +174,10 @@ class Seq2Seq(Task):
     def decode(tokenizer, token_ids: np.ndarray) -> list[str]:
         return [t.strip() for t in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
+    def metric_names(self) -> set[str]:
+        """ROUGE / BLEU only when evaluation generates (``training.predict_with_generate``)."""
+        return {*ROUGE_TYPES, "bleu", "gen_len"} if self.config.training.predict_with_generate else set()
+
     def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
         if "generated" not in outputs:
             return {}

@@ -81,7 +81,7 @@ def _empty_words(tokenizer, words: list[str], word_ids: list[Optional[int]]) -> 
     missing = [j for j in range(len(words)) if j not in seen]
     if not missing:
         return set()
-    pieces = tokenizer([words[j] for j in missing], add_special_tokens=False)["input_ids"]
+    pieces = tokenizer([words[j] for j in missing], add_special_tokens=False, verbose=False)["input_ids"]
     return {j for j, ids in zip(missing, pieces) if not ids}
 
 
@@ -213,7 +213,9 @@ class TokenClassificationOptions:
     # None: conlleval-style lenient scoring; a scheme: seqeval's strict mode with that scheme.
     seqeval_scheme: Optional[Literal["IOB1", "IOB2", "IOE1", "IOE2", "IOBES", "BILOU"]] = None
     # predict: entity grouping, with the transformers token-classification pipeline's meanings.
-    aggregation_strategy: Literal["none", "simple", "first", "max", "average"] = "simple"
+    # "first": each whole word takes its first subword's label, the subword ftjax trains on, so an
+    # entity never ends mid-word; "simple" groups subwords and can cut a word ("Ekeus" -> "ek").
+    aggregation_strategy: Literal["none", "simple", "first", "max", "average"] = "first"
     stride: int = 32  # predict: tokens shared by consecutive windows of a text longer than max_length
 
 
@@ -278,6 +280,10 @@ class TokenClassification(Task):
         """Columns, label set (from the train split) and every split's tags; FtjaxError on bad input."""
         d = self.config.data
         for split, ds in splits.items():
+            if ds.column_names == ["text"] and d.tokens_column not in ds.column_names:
+                raise FtjaxError(f"{split} split was read as plain text, one example a line (no "
+                                 f"'{d.tokens_column}' / '{d.tags_column}' columns); for CoNLL `token TAG` "
+                                 "lines set data.format=conll (or use a .conll suffix)")
             require_columns(ds, split, [d.tokens_column, d.tags_column])
         self.label_names = self._label_names_from(splits["train"])
         seen_in_train = self._check_split("train", splits["train"], None)
@@ -388,6 +394,12 @@ class TokenClassification(Task):
             gold.append([names[i] for i in labels[first]])
             pred.append([names[i] for i in prediction[first]])
         return gold, pred
+
+    def metric_names(self) -> set[str]:
+        if is_bio(self.label_names):
+            return {"precision", "recall", "f1", "accuracy", "truncated_words"}
+        return {"accuracy", "truncated_words"} | {
+            f"{m}_{avg}" for m in ("precision", "recall", "f1") for avg in ("macro", "weighted")}
 
     def metrics(self, outputs: dict[str, np.ndarray], meta: dict) -> dict[str, Any]:
         gold, pred = self.word_tags(outputs)
