@@ -34,6 +34,7 @@ from ftjax.checkpoint import (Checkpointer, abstract_like, export_pretrained, ex
 from ftjax.config import Config
 from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
+from ftjax.data.example_packing import pack_for_training
 from ftjax.data.loading import load_splits, subsample
 from ftjax.errors import FtjaxError
 from ftjax.models import (abstract_params, attach_params, gradient_checkpointing, load_tokenizer, locate,
@@ -128,11 +129,18 @@ class Trainer:
                 else args.per_device_eval_batch_size) * S.data_parallel_size(self.mesh)
         if size % jax.process_count():
             raise FtjaxError(f"global batch of {size} rows does not split over {jax.process_count()} processes")
-        return Batcher(rows, size // jax.process_count(), self.task.max_length, d.bucket_lengths,
-                       pad_id=self.tokenizer.pad_token_id or 0, seed=args.seed, shuffle=train and d.shuffle,
-                       group_by_length=train and d.group_by_length, window=d.length_window_batches,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       groups=self.task.length_groups())
+        groups, pack_stats = self.task.length_groups(), None
+        if train and d.packing:  # rows of several examples, about `size` examples per batch
+            multiple = math.lcm(S.data_parallel_size(self.mesh) * args.gradient_accumulation_steps,
+                                jax.process_count())
+            rows, size, groups, pack_stats = pack_for_training(self.task, self.model.config, rows, size, multiple)
+        batcher = Batcher(rows, size // jax.process_count(), self.task.max_length, d.bucket_lengths,
+                          pad_id=self.tokenizer.pad_token_id or 0, seed=args.seed, shuffle=train and d.shuffle,
+                          group_by_length=train and d.group_by_length, window=d.length_window_batches,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          groups=groups, max_buckets=d.max_buckets)
+        batcher.pack_stats = pack_stats
+        return batcher
 
     def batcher(self, split: str) -> Batcher:
         if split not in self._batchers:
@@ -481,6 +489,7 @@ class Trainer:
             "train_examples_per_second": self.examples / max(self.seconds, 1e-9),
             "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
             "padding_efficiency": train.stats.padding_efficiency,
+            "packing": train.pack_stats.to_dict() if train.pack_stats else None,
             "compiles": {"train_step": self.train_step._cache_size(),
                          "eval_step": self._eval_step._cache_size() if self._eval_step else 0},
             "stopped_by": stopped_by, "best_step": p.best_step, "best_metric": p.best_metric,

@@ -64,6 +64,7 @@ class Task:
     Options: ClassVar[type] = NoOptions  # the ``task_options`` dataclass
     empty_prediction: ClassVar[Any] = None  # what ``ftjax predict`` writes for an empty input text
     long_inputs: ClassVar[str] = "truncated"  # or "windowed": what happens to inputs over max_length
+    packing: ClassVar[bool] = False  # ``loss`` takes packed rows (data.packing, data/example_packing.py)
 
     def __init__(self, config: Config):
         self.config = config
