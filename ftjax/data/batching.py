@@ -32,17 +32,19 @@ def bucket_lengths(buckets: list, max_length: int) -> list[int]:
 
 def choose_buckets(lengths: np.ndarray, max_length: int, max_buckets: int = 4, multiple: int = 8) -> list[int]:
     """Bucket lengths that minimise the padding of ``lengths`` with at most ``max_buckets`` shapes
-    (one compile each): exact dynamic programming over the length histogram, candidates the
-    multiples of ``multiple`` (friendly to the matmul tiling) and ``max_length``, which is always
-    the last bucket. Each row counts as padded to its own bucket (what length grouping nearly gives).
+    used (one compile each): exact dynamic programming over the length histogram, candidates the
+    multiples of ``multiple`` (friendly to the matmul tiling) up to the longest length. ``max_length``
+    is always the last bucket too (for rows longer than any of these). Each length counts as padded
+    to its own bucket (``Batcher`` passes the longest row of each batch).
 
     >>> choose_buckets(np.array([10, 12, 30, 31, 60]), 64, max_buckets=3)
     [16, 32, 64]
     """
     lengths = np.minimum(np.asarray(lengths, np.int64), max_length)
-    candidates = np.array(sorted({c for c in range(multiple, max_length, multiple)} | {int(max_length)}))
     if len(lengths) == 0 or max_buckets <= 1:
         return [int(max_length)]
+    top = min(int(max_length), -(-int(lengths.max()) // multiple) * multiple)  # the longest needs this
+    candidates = np.array(sorted({c for c in range(multiple, top, multiple)} | {top}))
     # rows[i]: rows whose smallest fitting candidate is i; cost of a bucket c serving candidates
     # (j, i]: sum over those rows of c - length = count * c - token sum.
     slot = np.searchsorted(candidates, lengths)
@@ -68,7 +70,7 @@ def choose_buckets(lengths: np.ndarray, max_length: int, max_buckets: int = 4, m
     while k >= 1:
         chosen.append(int(candidates[i]))
         i, k = int(back[k, i]), k - 1
-    return sorted(chosen)
+    return sorted(set(chosen) | {int(max_length)})  # max_length: no batch of these lengths uses it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +103,8 @@ class Batcher:
         ``process_index + process_count``, ... Sequence columns are lists of ints, others scalars.
       batch_size: rows per batch on this process.
       max_length: the largest sequence length (last bucket).
-      buckets: candidate padded lengths; None: chosen from this split's length histogram
-        (``choose_buckets``, at most ``max_buckets`` shapes).
+      buckets: candidate padded lengths; None: chosen from the lengths of this split's batches
+        (``choose_buckets`` over ``_batch_maxima``, at most ``max_buckets`` shapes).
       pad_id: padding value of ``input_ids``.
       shuffle / group_by_length / window: training order; evaluation uses file order.
       process_index / process_count: for the global example ``index`` of each row.
@@ -124,25 +126,30 @@ class Batcher:
         self.seq_fields = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
         self.scalar_fields = [f.name for f in schema if f.name not in self.seq_fields]
         self.lengths = self._lengths("input_ids")
-        if buckets is None:  # from every process's rows, so all processes choose alike
-            every = self._lengths("input_ids", every_process=True)
-            self.buckets = choose_buckets(every, max_length, max_buckets)
-        else:
-            self.buckets = bucket_lengths(buckets, max_length)
         self.groups = [g for g in groups if g.fields[0] in self.seq_fields]
         self.group_lengths = [self._lengths(g.fields[0]) for g in self.groups]
         self.group_buckets = [bucket_lengths(g.buckets, g.max_length) for g in self.groups]
         self.field_group = {f: i for i, g in enumerate(self.groups) for f in g.fields}
         self.num_examples = len(self.global_rows)
+        self.buckets = bucket_lengths(buckets or [], max_length)
+        if buckets is None:
+            self.buckets = choose_buckets(self._batch_maxima(), max_length, max_buckets)
         self.stats = BatchStats()
 
-    def _lengths(self, field: str, every_process: bool = False) -> np.ndarray:
-        """Length of each of this process's rows (or every row) of a sequence field, from the Arrow
-        offsets of the memory-mapped column (no row is decoded or copied)."""
+    def _lengths(self, field: str) -> np.ndarray:
+        """Length of each of this process's rows of a sequence field, from the Arrow offsets of the
+        memory-mapped column (no row is decoded or copied)."""
         if len(self.rows) == 0:
             return np.zeros(0, np.int64)
-        every = pc.list_value_length(self.rows[field]).to_numpy(zero_copy_only=False).astype(np.int64)
-        return every if every_process else every[self.global_rows]
+        every = pc.list_value_length(self.rows[field]).to_numpy(zero_copy_only=False)
+        return every[self.global_rows].astype(np.int64)
+
+    def _batch_maxima(self) -> np.ndarray:
+        """The longest row of each global batch of the first epoch (agreed by all processes): the
+        lengths buckets are chosen for, since a batch is padded to its longest row. Later epochs
+        shuffle differently but draw from the same histogram."""
+        nb = int(agree_max([self.num_batches()])[0])
+        return agree_max([int(self.lengths[r[r >= 0]].max(initial=1)) for r in self.epoch_order(0, nb)])
 
     def num_batches(self, num_examples: Optional[int] = None) -> int:
         n = self.num_examples if num_examples is None else num_examples
