@@ -68,8 +68,8 @@ class DataConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     # Each batch is padded to the smallest bucket that fits its longest row (capped at max_length).
-    # null (default): at most max_buckets lengths chosen from each split's token-length histogram
-    # to pad least (batching.choose_buckets); a list fixes them.
+    # null (default): at most max_buckets lengths chosen per split to pad its batches' longest rows
+    # least (batching.choose_buckets); a list fixes them.
     bucket_lengths: Optional[list[int]] = None
     max_buckets: int = 4  # shapes (compiles) when bucket_lengths is null
     # Packed fine-tuning (classification, ner): several short training examples per row of

@@ -139,7 +139,7 @@ class Trainer:
                           group_by_length=train and d.group_by_length, window=d.length_window_batches,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           groups=groups, max_buckets=d.max_buckets)
-        batcher.pack_stats = pack_stats
+        batcher.pack_stats = pack_stats  # reported in results.json
         return batcher
 
     def batcher(self, split: str) -> Batcher:

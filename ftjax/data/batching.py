@@ -112,6 +112,8 @@ class Batcher:
         field is padded to the ``input_ids`` bucket).
     """
 
+    pack_stats = None  # packed training rows: their ``example_packing.ExamplePackStats`` (set by the trainer)
+
     def __init__(self, ds: datasets.Dataset, batch_size: int, max_length: int, buckets: Optional[list],
                  pad_id: int, seed: int = 0, shuffle: bool = False, group_by_length: bool = False,
                  window: int = 32, process_index: int = 0, process_count: int = 1,

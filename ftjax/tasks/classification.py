@@ -129,7 +129,8 @@ class Classification(Task):
         if "segment_ids" in batch:  # packed rows: the head on each example's CLS (ftjax.segments)
             scores = packed_sequence_logits(model, params, batch, rng, train).astype(jnp.float32)
             w = (batch["segment_weight"] * batch["weight"][:, None]).reshape(-1)
-            return (self._row_loss(scores.reshape(w.shape[0], -1), batch["segment_labels"].reshape(-1)) * w).sum(), w.sum()
+            per_example = self._row_loss(scores.reshape(w.shape[0], -1), batch["segment_labels"].reshape(-1))
+            return (per_example * w).sum(), w.sum()
         scores = model_output(model, params, batch, rng, train).logits.astype(jnp.float32)
         w = batch["weight"]
         return (self._row_loss(scores, batch["labels"]) * w).sum(), w.sum()
