@@ -129,12 +129,14 @@ class Trainer:
                 else args.per_device_eval_batch_size) * S.data_parallel_size(self.mesh)
         if size % jax.process_count():
             raise FtjaxError(f"global batch of {size} rows does not split over {jax.process_count()} processes")
-        groups, pack_stats = self.task.length_groups(), None
+        groups, pack_stats, buckets = self.task.length_groups(), None, d.bucket_lengths
+        if buckets is None and not train:  # evaluated splits share the first one's chosen buckets (compiles)
+            buckets = next((b.buckets for s, b in self._batchers.items() if s != "train"), None)
         if train and d.packing:  # rows of several examples, about `size` examples per batch
             multiple = math.lcm(S.data_parallel_size(self.mesh) * args.gradient_accumulation_steps,
                                 jax.process_count())
             rows, size, groups, pack_stats = pack_for_training(self.task, self.model.config, rows, size, multiple)
-        batcher = Batcher(rows, size // jax.process_count(), self.task.max_length, d.bucket_lengths,
+        batcher = Batcher(rows, size // jax.process_count(), self.task.max_length, buckets,
                           pad_id=self.tokenizer.pad_token_id or 0, seed=args.seed, shuffle=train and d.shuffle,
                           group_by_length=train and d.group_by_length, window=d.length_window_batches,
                           process_index=jax.process_index(), process_count=jax.process_count(),
