@@ -9,7 +9,8 @@ import transformers
 
 from ftjax.config import load_config
 from ftjax.data.batching import Batcher, choose_buckets
-from ftjax.data.example_packing import best_fit_bins, pack_examples, packed_groups
+from ftjax.data.example_packing import (ExamplePackStats, best_fit_bins, pack_examples, packed_batch_rows,
+                                        packed_groups)
 from ftjax.errors import FtjaxError
 from ftjax.segments import check_segment_support
 from ftjax.tasks import get_task
@@ -112,6 +113,13 @@ def test_pack_examples_columns_and_fill():
         assert row["segment_labels"] == [ds[i]["labels"] for i in row["segment_index"]]
         seen += row["segment_index"]
     assert sorted(seen) == list(range(40))
+
+
+def test_packed_batches_hold_about_the_unpacked_examples():
+    stats = ExamplePackStats(examples=96, rows=25, tokens=0, row_length=32)  # 3.84 examples a row
+    assert packed_batch_rows(32, stats, 1) == 8
+    assert packed_batch_rows(64, stats, 16) == 16  # the nearest multiple of devices x accumulation
+    assert packed_batch_rows(2, stats, 8) == 8  # at least one multiple
 
 
 def test_best_fit_bins_fill_and_oversized_example():

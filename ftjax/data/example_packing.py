@@ -137,9 +137,14 @@ def packed_groups(ds: datasets.Dataset, row_length: int) -> tuple[LengthGroup, .
 
 def packed_batch_rows(examples_per_batch: int, stats: ExamplePackStats, multiple: int) -> int:
     """Packed rows per batch that hold about ``examples_per_batch`` examples (so a packed run takes
-    as many optimizer steps per epoch as an unpacked one), a multiple of ``multiple``."""
-    rows = max(1, round(examples_per_batch / stats.examples_per_row))
-    return -(-rows // multiple) * multiple
+    as many optimizer steps per epoch as an unpacked one): the nearest multiple of ``multiple``
+    (devices x accumulation steps), at least one.
+
+    >>> packed_batch_rows(64, ExamplePackStats(examples=96, rows=25, tokens=0, row_length=32), 16)
+    16
+    """
+    rows = examples_per_batch / stats.examples_per_row
+    return max(1, round(rows / multiple)) * multiple
 
 
 def pack_for_training(task, model_config, rows: datasets.Dataset, examples_per_batch: int, multiple: int):
