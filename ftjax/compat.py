@@ -21,6 +21,12 @@ has 0.11.2):
    without weights, what ``ftjax.models.load_model`` does) fails: the PyTorch->Flax converter reads
    ``model.params`` only for the parameter names and shapes, which a ``_do_init=False`` model does
    not have. The converter is given the model's ``params_shape_tree`` instead.
+6. Packed fine-tuning needs attention kept inside each example of a row. The BERT-family
+   self-attention modules (``SEGMENT_MASK_MODULES``) turn the ``[batch, keys]`` padding mask into a
+   bias with ``jnp.expand_dims(mask, axis=(-3, -2))``, which rejects a ``[batch, queries, keys]``
+   mask. Those modules get a ``jnp`` whose ``expand_dims`` also takes such a mask (to ``[batch, 1,
+   queries, keys]``, broadcast over heads); a 2-D mask goes the original way, so unpacked models
+   compute exactly what they did. ``ftjax.segments`` builds the mask from segment ids.
 
 Nothing happens at import: ``install()`` applies the shims, at once to modules already imported and
 to the others when they are imported (an import hook). Code that builds a transformers Flax model
@@ -65,6 +71,33 @@ class _NumpyWithOldClip(types.ModuleType):
 
 
 _JNP = _NumpyWithOldClip("jax.numpy")
+
+
+def expand_dims(a, axis):
+    """``jnp.expand_dims``; a ``[batch, queries, keys]`` attention mask expanded at ``(-3, -2)``
+    becomes ``[batch, 1, queries, keys]`` (one mask per query, shared by the heads)."""
+    if getattr(a, "ndim", 0) == 3 and isinstance(axis, tuple) and tuple(axis) == (-3, -2):
+        return a[:, None]
+    return jnp.expand_dims(a, axis)
+
+
+class _NumpyWithSegmentMasks(types.ModuleType):
+    """Stands in for ``jax.numpy`` inside a BERT-family module: only ``expand_dims`` differs."""
+
+    expand_dims = staticmethod(expand_dims)
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+
+_SEGMENT_JNP = _NumpyWithSegmentMasks("jax.numpy")
+# model_type -> the transformers module whose self-attention builds the mask bias (shim 6).
+SEGMENT_MASK_MODULES = {
+    "bert": "transformers.models.bert.modeling_flax_bert",
+    "roberta": "transformers.models.roberta.modeling_flax_roberta",
+    "xlm-roberta": "transformers.models.xlm_roberta.modeling_flax_xlm_roberta",
+    "electra": "transformers.models.electra.modeling_flax_electra",
+}
 
 
 def no_repeat_ngram_call(self, input_ids, scores, cur_len):
@@ -123,6 +156,8 @@ def _patch(module) -> None:
     elif module.__name__ in ROTARY_MODULES:
         from ftjax.rope import rotary_setup
         setattr(getattr(module, ROTARY_MODULES[module.__name__]), "setup", rotary_setup)
+    elif module.__name__ in SEGMENT_MASK_MODULES.values():
+        module.jnp = _SEGMENT_JNP
     elif module.__name__ == LOGITS_MODULE:
         module.FlaxNoRepeatNGramLogitsProcessor.__call__ = no_repeat_ngram_call
     elif needs_clip_shim() and getattr(module, "jnp", None) is jnp:
@@ -158,7 +193,8 @@ ROTARY_MODULES = {"transformers.models.llama.modeling_flax_llama": "FlaxLlamaRot
                   "transformers.models.gemma.modeling_flax_gemma": "FlaxGemmaRotaryEmbedding"}
 IMPORT_UTILS_MODULE = "transformers.utils.import_utils"
 FLAX_UTILS_MODULE = "transformers.modeling_flax_utils"
-PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, *ROTARY_MODULES, IMPORT_UTILS_MODULE, FLAX_UTILS_MODULE)
+PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, *ROTARY_MODULES, IMPORT_UTILS_MODULE, FLAX_UTILS_MODULE) \
+    + tuple(SEGMENT_MASK_MODULES.values())
 
 
 def flax_transformers():

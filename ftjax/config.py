@@ -102,7 +102,13 @@ class DataConfig:
     # vectorized sweeps (``ftjax sweep --vectorize``), whose seed runs share one data pipeline.
     seed: Optional[int] = None
     # Each batch is padded to the smallest bucket that fits its longest row (capped at max_length).
-    bucket_lengths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 512])
+    # null (default): at most max_buckets lengths chosen per split to pad its batches' longest rows
+    # least (batching.choose_buckets); a list fixes them.
+    bucket_lengths: Optional[list[int]] = None
+    max_buckets: int = 4  # shapes (compiles) when bucket_lengths is null
+    # Packed fine-tuning (classification, ner): several short training examples per row of
+    # model.max_length, attention kept within each example (data/example_packing.py).
+    packing: bool = False
     group_by_length: bool = True  # sort by length inside shuffled windows of batches
     length_window_batches: int = 32
     shuffle: bool = True

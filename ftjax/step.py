@@ -84,8 +84,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / denom, "weight": weight, "grad_norm": optax.tree.norm(grads)}
-        if "weight" in batch:  # real rows: the loss weight counts tokens in token-level tasks
-            metrics["examples"] = batch["weight"].sum()
+        if "weight" in batch:  # real rows, or packed rows' examples: the loss weight counts tokens in token tasks
+            metrics["examples"] = batch["segment_weight" if "segment_weight" in batch else "weight"].sum()
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -33,6 +33,7 @@ from ftjax.checkpoint import Checkpointer, abstract_like, export_pretrained, exp
 from ftjax.config import Config
 from ftjax.data.batching import Batcher, agree_max
 from ftjax.data.device import prefetch, to_device, to_host
+from ftjax.data.example_packing import pack_for_training
 from ftjax.data.loading import load_splits, subsample
 from ftjax.data.streaming import BlockStream, StreamBatcher, prepare_streaming
 from ftjax.errors import FtjaxError
@@ -147,11 +148,21 @@ class Trainer:
             raise FtjaxError(f"global batch of {size} rows does not split over {jax.process_count()} processes")
         if isinstance(rows, BlockStream):
             return StreamBatcher(rows, size // jax.process_count(), args.max_steps)
-        return Batcher(rows, size // jax.process_count(), self.task.max_length, d.bucket_lengths,
-                       pad_id=self.tokenizer.pad_token_id or 0, seed=self.config.data_seed, shuffle=train and d.shuffle,
-                       group_by_length=train and d.group_by_length, window=d.length_window_batches,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       groups=self.task.length_groups())
+        groups, pack_stats, buckets = self.task.length_groups(), None, d.bucket_lengths
+        if buckets is None and not train:  # evaluated splits share the first one's chosen buckets (compiles)
+            buckets = next((b.buckets for s, b in self._batchers.items() if s != "train"), None)
+        if train and d.packing:  # rows of several examples, about `size` examples per batch
+            multiple = math.lcm(S.data_parallel_size(self.mesh) * args.gradient_accumulation_steps,
+                                jax.process_count())
+            rows, size, groups, pack_stats = pack_for_training(self.task, self.model.config, rows, size, multiple)
+        batcher = Batcher(rows, size // jax.process_count(), self.task.max_length, buckets,
+                          pad_id=self.tokenizer.pad_token_id or 0, seed=self.config.data_seed,
+                          shuffle=train and d.shuffle,
+                          group_by_length=train and d.group_by_length, window=d.length_window_batches,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          groups=groups, max_buckets=d.max_buckets)
+        batcher.pack_stats = pack_stats  # reported in results.json
+        return batcher
 
     def batcher(self, split: str) -> Batcher:
         if split not in self._batchers:
@@ -570,6 +581,7 @@ class Trainer:
             "device_peak_tflops": self.peak_tflops, "device_kind": jax.devices()[0].device_kind,
             "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
             "padding_efficiency": train.stats.padding_efficiency,
+            "packing": train.pack_stats.to_dict() if getattr(train, "pack_stats", None) else None,
             "compiles": {"train_step": self.train_step._cache_size(),
                          "eval_step": self._eval_step._cache_size() if self._eval_step else 0},
             "stopped_by": stopped_by, "best_step": p.best_step, "best_metric": p.best_metric,

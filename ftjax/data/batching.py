@@ -30,6 +30,49 @@ def bucket_lengths(buckets: list, max_length: int) -> list[int]:
     return sorted({int(b) for b in buckets if int(b) < max_length} | {int(max_length)})
 
 
+def choose_buckets(lengths: np.ndarray, max_length: int, max_buckets: int = 4, multiple: int = 8) -> list[int]:
+    """Bucket lengths that minimise the padding of ``lengths`` with at most ``max_buckets`` shapes
+    used (one compile each): exact dynamic programming over the length histogram, candidates the
+    multiples of ``multiple`` (friendly to the matmul tiling) up to the longest length. ``max_length``
+    is always the last bucket too (for rows longer than any of these). Each length counts as padded
+    to its own bucket (``Batcher`` passes the longest row of each batch).
+
+    >>> choose_buckets(np.array([10, 12, 30, 31, 60]), 64, max_buckets=3)
+    [16, 32, 64]
+    """
+    lengths = np.minimum(np.asarray(lengths, np.int64), max_length)
+    if len(lengths) == 0 or max_buckets <= 1:
+        return [int(max_length)]
+    top = min(int(max_length), -(-int(lengths.max()) // multiple) * multiple)  # the longest needs this
+    candidates = np.array(sorted({c for c in range(multiple, top, multiple)} | {top}))
+    # rows[i]: rows whose smallest fitting candidate is i; cost of a bucket c serving candidates
+    # (j, i]: sum over those rows of c - length = count * c - token sum.
+    slot = np.searchsorted(candidates, lengths)
+    count = np.bincount(slot, minlength=len(candidates)).astype(np.float64)
+    tokens = np.bincount(slot, weights=lengths, minlength=len(candidates))
+    cum_count, cum_tokens = np.concatenate([[0], np.cumsum(count)]), np.concatenate([[0], np.cumsum(tokens)])
+    n = len(candidates)
+    inf = float("inf")
+    # best[k][i]: least padding of candidates [0, i] with k buckets, the last one candidates[i].
+    best = np.full((max_buckets + 1, n), inf)
+    back = np.zeros((max_buckets + 1, n), np.int64)
+    for i in range(n):
+        best[1, i] = cum_count[i + 1] * candidates[i] - cum_tokens[i + 1]
+    for k in range(2, max_buckets + 1):
+        for i in range(1, n):
+            j = np.arange(i)  # previous bucket candidates[j]; this one serves (j, i]
+            cost = best[k - 1, j] + (cum_count[i + 1] - cum_count[j + 1]) * candidates[i] \
+                - (cum_tokens[i + 1] - cum_tokens[j + 1])
+            back[k, i], best[k, i] = int(np.argmin(cost)), float(np.min(cost))
+    least = best[1:, n - 1].min()
+    k = min(k for k in range(1, max_buckets + 1) if best[k, n - 1] <= least)  # the fewest shapes that do it
+    chosen, i = [], n - 1
+    while k >= 1:
+        chosen.append(int(candidates[i]))
+        i, k = int(back[k, i]), k - 1
+    return sorted(set(chosen) | {int(max_length)})  # max_length: no batch of these lengths uses it
+
+
 @dataclasses.dataclass(frozen=True)
 class LengthGroup:
     """Sequence fields padded to their own length: the smallest of ``buckets`` (capped at
@@ -60,7 +103,8 @@ class Batcher:
         ``process_index + process_count``, ... Sequence columns are lists of ints, others scalars.
       batch_size: rows per batch on this process.
       max_length: the largest sequence length (last bucket).
-      buckets: candidate padded lengths.
+      buckets: candidate padded lengths; None: chosen from the lengths of this split's batches
+        (``choose_buckets`` over ``_batch_maxima``, at most ``max_buckets`` shapes).
       pad_id: padding value of ``input_ids``.
       shuffle / group_by_length / window: training order; evaluation uses file order.
       process_index / process_count: for the global example ``index`` of each row.
@@ -68,13 +112,14 @@ class Batcher:
         field is padded to the ``input_ids`` bucket).
     """
 
-    def __init__(self, ds: datasets.Dataset, batch_size: int, max_length: int, buckets: list,
+    pack_stats = None  # packed training rows: their ``example_packing.ExamplePackStats`` (set by the trainer)
+
+    def __init__(self, ds: datasets.Dataset, batch_size: int, max_length: int, buckets: Optional[list],
                  pad_id: int, seed: int = 0, shuffle: bool = False, group_by_length: bool = False,
                  window: int = 32, process_index: int = 0, process_count: int = 1,
-                 groups: Sequence[LengthGroup] = ()):
+                 groups: Sequence[LengthGroup] = (), max_buckets: int = 4):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.group_by_length, self.window = group_by_length, window
-        self.buckets = bucket_lengths(buckets, max_length)
         self.pad = dict(DEFAULT_PAD, input_ids=pad_id, decoder_input_ids=pad_id)
         self.rows = ds.with_format("arrow")  # ``rows[[i, j]]`` -> a pyarrow Table of those rows
         # This process's rows, strided, so a global batch holds the rows a one-process run would.
@@ -88,6 +133,9 @@ class Batcher:
         self.group_buckets = [bucket_lengths(g.buckets, g.max_length) for g in self.groups]
         self.field_group = {f: i for i, g in enumerate(self.groups) for f in g.fields}
         self.num_examples = len(self.global_rows)
+        self.buckets = bucket_lengths(buckets or [], max_length)
+        if buckets is None:
+            self.buckets = choose_buckets(self._batch_maxima(), max_length, max_buckets)
         self.stats = BatchStats()
 
     def _lengths(self, field: str) -> np.ndarray:
@@ -97,6 +145,13 @@ class Batcher:
             return np.zeros(0, np.int64)
         every = pc.list_value_length(self.rows[field]).to_numpy(zero_copy_only=False)
         return every[self.global_rows].astype(np.int64)
+
+    def _batch_maxima(self) -> np.ndarray:
+        """The longest row of each global batch of the first epoch (agreed by all processes): the
+        lengths buckets are chosen for, since a batch is padded to its longest row. Later epochs
+        shuffle differently but draw from the same histogram."""
+        nb = int(agree_max([self.num_batches()])[0])
+        return agree_max([int(self.lengths[r[r >= 0]].max(initial=1)) for r in self.epoch_order(0, nb)])
 
     def num_batches(self, num_examples: Optional[int] = None) -> int:
         n = self.num_examples if num_examples is None else num_examples

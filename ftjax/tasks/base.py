@@ -66,6 +66,7 @@ class Task:
     long_inputs: ClassVar[str] = "truncated"  # or "windowed": what happens to inputs over max_length
     # ``ftjax eval`` / ``predict`` without a trained export may use the base model (its LM head is the task).
     base_model_predicts: ClassVar[bool] = False
+    packing: ClassVar[bool] = False  # ``loss`` takes packed rows (data.packing, data/example_packing.py)
 
     def __init__(self, config: Config):
         self.config = config

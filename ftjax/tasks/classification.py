@@ -13,6 +13,7 @@ import optax
 
 from ftjax import metrics as M
 from ftjax.errors import FtjaxError
+from ftjax.segments import packed_sequence_logits
 from ftjax.tasks.base import Split, Task, model_output, register, require_columns, tokenize_split
 
 
@@ -27,6 +28,7 @@ class Classification(Task):
     name = "classification"
     auto_class = "FlaxAutoModelForSequenceClassification"
     Options = ClassificationOptions
+    packing = True
 
     label_names: Optional[list[str]] = None  # None for regression; from the train split or the model
 
@@ -146,6 +148,11 @@ class Classification(Task):
         return optax.softmax_cross_entropy_with_integer_labels(scores, labels)
 
     def loss(self, model, params, batch, rng, train):
+        if "segment_ids" in batch:  # packed rows: the head on each example's CLS (ftjax.segments)
+            scores = packed_sequence_logits(model, params, batch, rng, train).astype(jnp.float32)
+            w = (batch["segment_weight"] * batch["weight"][:, None]).reshape(-1)
+            per_example = self._row_loss(scores.reshape(w.shape[0], -1), batch["segment_labels"].reshape(-1))
+            return (per_example * w).sum(), w.sum()
         scores = model_output(model, params, batch, rng, train).logits.astype(jnp.float32)
         w = batch["weight"]
         return (self._row_loss(scores, batch["labels"]) * w).sum(), w.sum()

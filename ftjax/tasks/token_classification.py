@@ -28,6 +28,7 @@ import optax
 from ftjax import metrics as M
 from ftjax.data.conll import BIO_PREFIXES, sort_tags
 from ftjax.errors import FtjaxError
+from ftjax.segments import packed_token_logits
 from ftjax.tasks.base import MODEL_INPUTS, Split, Task, model_output, register, require_columns, tokenize_split
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class TokenClassification(Task):
     long_inputs = "windowed"  # overlapping windows: no input token is dropped
     auto_class = "FlaxAutoModelForTokenClassification"
     empty_prediction: Any = ()  # no entities
+    packing = True
     Options = TokenClassificationOptions
 
     label_names: list[str] = []  # from the train split (or data.label_names), or the model
@@ -362,8 +364,11 @@ class TokenClassification(Task):
         return per_token * counted, counted.astype(jnp.float32)
 
     def loss(self, model, params, batch, rng, train):
-        per_token, counted = self._token_loss(model_output(model, params, batch, rng, train).logits.astype(jnp.float32),
-                                              batch)
+        if "segment_ids" in batch:  # packed rows: attention within each sentence (ftjax.segments)
+            logits = packed_token_logits(model, params, batch, rng, train)
+        else:
+            logits = model_output(model, params, batch, rng, train).logits
+        per_token, counted = self._token_loss(logits.astype(jnp.float32), batch)
         return per_token.sum(), counted.sum()
 
     def outputs(self, model, params, batch):

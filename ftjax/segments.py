@@ -1,0 +1,109 @@
+"""Packed rows through a transformers Flax encoder: each example of a row sees only itself.
+
+A packed row holds several examples one after the other; ``segment_ids`` numbers them 1, 2, ...
+(0 is padding) and ``position_ids`` restarts at 0 with each. From them this module builds what the
+model needs so that every example is computed exactly as if it were alone in its row:
+
+* the attention mask ``[batch, L, L]``: a query attends to the keys of its own segment only (the
+  BERT-family attention accepts it through the ``ftjax.compat`` shim 6);
+* position ids restarted per segment, shifted as the family numbers positions (RoBERTa / XLM-R
+  start after ``pad_token_id``);
+* for sequence classification, the head applied to each segment's first token (the CLS of each
+  example): logits ``[batch, segments, labels]``. Token classification keeps the model's own
+  per-token head.
+
+Supported: the families in ``compat.SEGMENT_MASK_MODULES`` (BERT, RoBERTa, XLM-R, ELECTRA);
+``check_segment_support`` rejects any other with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ftjax import compat
+from ftjax.errors import FtjaxError
+
+
+def _cls_head_bert(module, cls, deterministic: bool):
+    """BERT: pooler (dense + tanh on the first token), dropout, classifier."""
+    pooled = module.bert.pooler(cls)
+    return module.classifier(module.dropout(pooled, deterministic=deterministic))
+
+
+def _cls_head_own(module, cls, deterministic: bool):
+    """RoBERTa / XLM-R / ELECTRA: the classification head reads the first token itself."""
+    return module.classifier(cls, deterministic=deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How a model family takes packed rows."""
+
+    encoder: str  # attribute of the task module holding the encoder (FlaxBertModule...)
+    first_position: Callable  # model config -> position id of a segment's first token
+    cls_head: Callable  # (task module, [n, 1, hidden], deterministic) -> [n, labels]
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family("bert", lambda config: 0, _cls_head_bert),
+    "electra": Family("electra", lambda config: 0, _cls_head_own),
+    "roberta": Family("roberta", lambda config: config.pad_token_id + 1, _cls_head_own),
+    "xlm-roberta": Family("roberta", lambda config: config.pad_token_id + 1, _cls_head_own),
+}
+assert set(FAMILIES) == set(compat.SEGMENT_MASK_MODULES)
+
+
+def check_segment_support(model_config) -> None:
+    """FtjaxError unless packed rows can go through this model family."""
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise FtjaxError(f"data.packing: {model_type} models do not support packed rows (supported: "
+                         f"{', '.join(sorted(FAMILIES))}); set data.packing=false")
+    compat.install()
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[batch, L, L]`` int32: 1 where query and key are in the same (non-padding) segment."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & (segment_ids[:, None, :] > 0)).astype(jnp.int32)
+
+
+def segment_inputs(model_config, batch: dict) -> dict:
+    """The model inputs of a packed batch: ids, block-diagonal mask, restarted positions."""
+    check_segment_support(model_config)
+    first_position = FAMILIES[model_config.model_type].first_position(model_config)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": segment_mask(batch["segment_ids"]),
+              "position_ids": batch["position_ids"] + first_position}
+    if "token_type_ids" in batch:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs
+
+
+def packed_token_logits(model, params, batch: dict, rng: Optional[jax.Array], train: bool) -> jax.Array:
+    """``[batch, L, labels]``: a token-classification model's logits of a packed batch."""
+    return model(**segment_inputs(model.config, batch), params=params, dropout_rng=rng if train else None,
+                 train=train).logits
+
+
+def packed_sequence_logits(model, params, batch: dict, rng: Optional[jax.Array], train: bool) -> jax.Array:
+    """``[batch, segments, labels]``: a sequence-classification model's logits of each segment,
+    its head applied to the segment's first token (``batch["segment_starts"]``)."""
+    inputs = segment_inputs(model.config, batch)
+    family = FAMILIES[model.config.model_type]
+
+    def forward(module, input_ids, attention_mask, token_type_ids, position_ids, starts, deterministic):
+        hidden = getattr(module, family.encoder)(input_ids, attention_mask, token_type_ids, position_ids, None,
+                                         deterministic=deterministic)[0]
+        cls = jnp.take_along_axis(hidden, starts[:, :, None], axis=1)  # [batch, segments, hidden]
+        rows, segments, width = cls.shape
+        return family.cls_head(module, cls.reshape(rows * segments, 1, width), deterministic).reshape(rows, segments, -1)
+
+    token_types = inputs.get("token_type_ids", jnp.zeros_like(inputs["input_ids"]))
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    return model.module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"], token_types,
+                              inputs["position_ids"], batch["segment_starts"], not train,
+                              method=forward, rngs=rngs)
