@@ -464,8 +464,11 @@ def validate(config: Config) -> None:
             raise FtjaxError(f"data.{key} must be >= 1 (or null: every example), got {getattr(d, key)}")
     if m.max_length < 1:
         raise FtjaxError(f"model.max_length must be >= 1 (tokens per example), got {m.max_length}")
-    if not d.bucket_lengths or min(d.bucket_lengths) < 1:
-        raise FtjaxError(f"data.bucket_lengths must be positive token counts, got {d.bucket_lengths}")
+    if d.bucket_lengths is not None and (not d.bucket_lengths or min(d.bucket_lengths) < 1):
+        raise FtjaxError(f"data.bucket_lengths must be positive token counts (or null: chosen from the data), "
+                         f"got {d.bucket_lengths}")
+    if d.max_buckets < 1:
+        raise FtjaxError(f"data.max_buckets must be >= 1, got {d.max_buckets}")
     for i, (pattern, _) in enumerate(config.mesh.rules):
         try:
             re.compile(pattern)

@@ -135,7 +135,8 @@ def render(record: dict, results: dict, environment: dict, sizes: dict[str, int]
         f"A {TASK_NAMES.get(task, task)} model, {origin} with ftjax (JAX/Flax).", "",
         "## Data", "", *_data_lines(data, sizes), "",
         "## Preprocessing", "",
-        f"- max length {model['max_length']} tokens; batches padded to the buckets {data['bucket_lengths']}",
+        f"- max length {model['max_length']} tokens; batches padded to the buckets "
+        f"{data['bucket_lengths'] or 'chosen from the length histogram of each split'}",
         *[f"- `task_options.{k}`: {v}" for k, v in sorted(record.get("task_options", {}).items())],
         *([f"- labels: {', '.join(map(str, label_names))}"] if label_names else []), "",
         "## Results", "", *_metrics_lines(results, label_names),
