@@ -263,6 +263,7 @@ def test_a_state_that_is_not_finite_is_never_saved(tiny_model, sentiment_csv, tm
             return state, metrics
         self.train_step = wrapped
         self.train_step._cache_size = step._cache_size
+        self.train_step.lower = step.lower  # FLOPs are read from the compiled step
 
     monkeypatch.setattr(Trainer, "init_state", poison_after_step_3)
     out = tmp_path / "run"

@@ -78,6 +78,7 @@ def test_resume_after_sigterm_ends_with_the_same_parameters(tiny_model, sentimen
             return state, metrics
         self.train_step = wrapped
         self.train_step._cache_size = step._cache_size
+        self.train_step.lower = step.lower  # FLOPs are read from the compiled step
 
     monkeypatch.setattr(Trainer, "init_state", init_then_interrupt_at_step_4)
     stopped, result = _train(tiny_model, sentiment_csv, tmp_path / "resumed", **common)
