@@ -47,6 +47,7 @@ bench: install
 	$(PY) benchmarks/ner.py
 	$(PY) benchmarks/lm.py
 	$(PY) benchmarks/qa_seq2seq.py
+	$(PY) benchmarks/summary.py
 
 clean:
 	rm -rf $(VENV) outputs assets

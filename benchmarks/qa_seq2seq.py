@@ -121,7 +121,6 @@ def torch_train(task: str, tmp: Path, args) -> dict:
     import torch_reference as R  # sets USE_FLAX=0 before transformers is imported
     import transformers as T
 
-    from ftjax.paths import resolve_path  # standard library only: no JAX in the PyTorch worker
     with contextlib.redirect_stdout(sys.stderr):
         R._setup(42)
         common = dict(output_dir=str(tmp / f"torch-{task}"), max_steps=args.steps, learning_rate=5e-5,
