@@ -145,6 +145,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="alternating training runs for the tokens/s medians")
     p.add_argument("--repeat-max-mb", type=float, default=4, help="largest corpus for --repeats")
     p.add_argument("--timeout-s", type=float, default=None, help="give up a run after this many seconds")
+    p.add_argument("--streaming-only-above-mb", type=float, default=None,
+                   help="larger corpora get only the streaming run (the Arrow first run takes too long)")
     p.add_argument("--out", default="data_scale", help="results file name under benchmarks/results")
     args = p.parse_args()
     docs = documents()
@@ -156,7 +158,10 @@ def main() -> None:
             n_docs = write_corpus(corpus, mb, docs)
             cache = tmp / f"cache-{mb:g}"
             row = {"corpus_mb": mb, "documents": n_docs, "loadavg_start": os.getloadavg()}
+            arrow = args.streaming_only_above_mb is None or mb <= args.streaming_only_above_mb
             try:
+                if not arrow:
+                    raise TimedOut("not run (--streaming-only-above-mb)")
                 first = run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
                 again = run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
                 row.update(peak_rss_mb=first["peak_rss_mb"], cached_peak_rss_mb=again["peak_rss_mb"],
@@ -207,6 +212,9 @@ def main() -> None:
             row["loadavg_end"] = os.getloadavg()
             rows.append(row)
             print(json.dumps(row), flush=True)
+            record = {"machine": {**machine(), "shared": "2-core CPU VM shared with other jobs (see loadavg)"},
+                      "steps": STEPS, "batch": BATCH, "block": BLOCK, "rows": rows, "command": " ".join(sys.argv)}
+            save(args.out, record)  # after every size: a long run cut short keeps its rows
             for path in cache.glob("**/*"):  # keep the disk small between sizes
                 if path.is_file():
                     path.unlink()
@@ -215,10 +223,7 @@ def main() -> None:
                "cached_prep_s", "before_prep_s", "first_step_s", "cached_first_step_s", "stream_first_step_s",
                "tokenize_mb_per_s", "train_tokens_per_s", "before_train_tokens_per_s", "streaming_train_tokens_per_s"]
     print(table(rows, columns))
-    path = save(args.out, {"machine": {**machine(), "shared": "2-core CPU VM shared with other jobs (see loadavg)"},
-                           "steps": STEPS, "batch": BATCH, "block": BLOCK, "rows": rows,
-                           "command": " ".join(sys.argv)})
-    print(f"written {path}")
+    print(f"written {save(args.out, record)}")
 
 
 if __name__ == "__main__":
