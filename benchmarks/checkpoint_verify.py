@@ -73,7 +73,8 @@ def main() -> None:
             ckpt.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    rows = [{"measure": k, "median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)} for k, v in times.items()]
+    rows = [{"measure": k, "median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)}
+            for k, v in times.items()]
     save_med = statistics.median(times["save"])
     restore_med = statistics.median(times["restore"])
     ratios = {"state_check_over_save": statistics.median(times["state_check"]) / save_med,

@@ -25,6 +25,9 @@ from ftjax.errors import FtjaxError
 log = logging.getLogger("ftjax")
 
 
+STEP_KEY = "ftjax_step"  # in a checkpoint's metrics: breaks ties between equal best metrics
+
+
 class CorruptCheckpoint(Exception):
     """A checkpoint that cannot be read back as it was written."""
 
@@ -82,8 +85,11 @@ class Checkpointer:
         keep = []
         if save_total_limit:
             keep.append(policies.LatestN(n=save_total_limit))
-            keep.append(policies.BestN(get_metric_fn=lambda m: m[self.metric], reverse=not greater_is_better,
-                                       n=1, keep_checkpoints_without_metrics=False))
+            # Ties go to the earlier step, as the trainer's best tracking (strict improvement) does:
+            # orbax keeps the last of the sorted list, and a stable sort leaves the later step last.
+            sign = -1 if greater_is_better else 1
+            keep.append(policies.BestN(get_metric_fn=lambda m: (m[self.metric], sign * m.get(STEP_KEY, 0)),
+                                       reverse=not greater_is_better, n=1, keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep) if keep else None,
             best_fn=lambda m: m[self.metric], best_mode="max" if greater_is_better else "min",
@@ -98,6 +104,8 @@ class Checkpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))} or None
         if metrics is not None and self.metric not in metrics:
             metrics = None
+        if metrics is not None:
+            metrics[STEP_KEY] = step
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics=metrics, force=True)
