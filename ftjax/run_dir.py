@@ -9,6 +9,7 @@ loses them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,9 +48,10 @@ def check_writable(output_dir: str | Path) -> Path:
         if out.is_dir():
             tempfile.TemporaryFile(dir=out).close()
         else:
-            out.mkdir(parents=True)
+            out.mkdir(parents=True, exist_ok=True)  # exist_ok: other processes of the run probe it too
             while out != existing:  # leave no trace: a run that then fails on its inputs wrote nothing
-                out.rmdir()
+                with contextlib.suppress(OSError):  # gone, or in use: another process got there first
+                    out.rmdir()
                 out = out.parent
             out = Path(output_dir).absolute()
     except OSError as e:

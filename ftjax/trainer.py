@@ -618,7 +618,8 @@ class Trainer:
         """README.md (model card) and the reproducing config into the export folder."""
         record = self._config_record()
         env = model_card.environment(dict(self.mesh.shape), jax.devices())
-        sizes = {split: len(data.rows) for split, data in self.splits.items()}
+        sizes = {split: len(data.rows) for split, data in self.splits.items()
+                 if hasattr(data.rows, "__len__")}  # a streamed split has no length
         card = model_card.render(record, results, env, sizes, getattr(self.task, "label_names", None))
         model_card.write(self.output_dir / "export", record, card)
 
