@@ -206,3 +206,12 @@ def test_two_processes_stream_and_resume_exactly(tiny_model, tmp_path):
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert len(whole) == 4 and len(resumed) == 2
     np.testing.assert_allclose(resumed, whole[2:], rtol=1e-6)
+
+
+def test_a_hub_dataset_while_offline_is_one_clear_line_streamed_or_not():
+    from ftjax.data.loading import load_splits
+    from ftjax.data.streaming import stream_splits
+    cfg = load_config(None, ["data.dataset_name=imdb"]).data  # conftest: HF_DATASETS_OFFLINE=1
+    for read in (load_splits, stream_splits):
+        with pytest.raises(FtjaxError, match="dataset 'imdb' is on the Hugging Face Hub and the Hub is offline"):
+            read(cfg)

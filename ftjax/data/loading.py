@@ -83,18 +83,26 @@ def split_mod10(ds: datasets.Dataset) -> datasets.DatasetDict:
     })
 
 
+def hub_splits(cfg: DataConfig, streaming: bool = False) -> dict:
+    """The splits of ``data.dataset_name`` on the Hub (``valid`` named ``validation``), or one clear
+    line when the Hub is offline or the dataset cannot be read."""
+    if hub_offline():
+        raise FtjaxError(f"dataset '{cfg.dataset_name}' is on the Hugging Face Hub and the Hub is "
+                         "offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); use local files")
+    try:
+        splits = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=streaming)
+    except Exception as e:
+        verb = "stream" if streaming else "load"
+        raise FtjaxError(f"cannot {verb} dataset '{cfg.dataset_name}': {str(e).splitlines()[0]}") from None
+    if "validation" not in splits and "valid" in splits:
+        splits["validation"] = splits.pop("valid")
+    return splits
+
+
 def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
     """train / validation / test splits (those that exist) as configured."""
     if cfg.dataset_name:
-        if hub_offline():
-            raise FtjaxError(f"dataset '{cfg.dataset_name}' is on the Hugging Face Hub and the Hub is "
-                             "offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); use local files")
-        try:
-            splits = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name)
-        except Exception as e:
-            raise FtjaxError(f"cannot load dataset '{cfg.dataset_name}': {str(e).splitlines()[0]}") from None
-        if "validation" not in splits and "valid" in splits:
-            splits["validation"] = splits.pop("valid")
+        splits = hub_splits(cfg)
     else:
         if not cfg.train_file:
             raise FtjaxError("no data: set data.train_file (local file) or data.dataset_name (hub)")

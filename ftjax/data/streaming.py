@@ -67,17 +67,9 @@ def stream_file(path: str) -> datasets.IterableDataset:
 def stream_splits(cfg) -> dict[str, datasets.IterableDataset]:
     """train / validation / test streams (those that exist) of a ``DataConfig``; ``split_rule: mod10``
     routes example i of the one file by i % 10 as ``ftjax.data.loading.split_mod10`` does."""
-    from ftjax.paths import hub_offline
+    from ftjax.data.loading import hub_splits
     if cfg.dataset_name:
-        if hub_offline():
-            raise FtjaxError(f"dataset '{cfg.dataset_name}' is on the Hugging Face Hub and the Hub is "
-                             "offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); use local files")
-        try:
-            splits = dict(datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=True))
-        except Exception as e:
-            raise FtjaxError(f"cannot stream dataset '{cfg.dataset_name}': {str(e).splitlines()[0]}") from None
-        if "validation" not in splits and "valid" in splits:
-            splits["validation"] = splits.pop("valid")
+        splits = dict(hub_splits(cfg, streaming=True))
     else:
         if not cfg.train_file:
             raise FtjaxError("no data: set data.train_file (local file) or data.dataset_name (hub)")
