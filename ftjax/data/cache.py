@@ -43,7 +43,7 @@ def _file_stamp(path: Optional[str]):
 def source_key(config) -> dict:
     """What a run's preprocessing depends on besides the tokenizer and the split."""
     d = config.data
-    return {"version": CACHE_VERSION, "data": dataclasses.asdict(d), "seed": config.training.seed,
+    return {"version": CACHE_VERSION, "data": dataclasses.asdict(d), "seed": config.data_seed,
             "files": [_file_stamp(f) for f in (d.train_file, d.validation_file, d.test_file)],
             "task": config.task, "max_length": config.model.max_length}
 
