@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ftjax import fault_points
+from ftjax.distributed import sync
 from ftjax.errors import FtjaxError
 
 log = logging.getLogger("ftjax")
@@ -164,9 +165,7 @@ class Checkpointer:
                 if number.isdigit() and (step is None or int(number) > step):
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(int(number))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("ftjax: newer checkpoints removed")
+        sync("ftjax: newer checkpoints removed")
         self.manager.reload()
         return sorted(set(removed))
 

@@ -27,3 +27,13 @@ def maybe_initialize() -> None:
             local_device_ids=None)
     elif os.environ.get("FTJAX_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
+
+
+def sync(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to do with one process). Used
+    after work that one process does for all (clearing a folder, writing the export), so that the
+    others neither run ahead of it nor wait for it at JAX's shutdown barrier, which gives up (and
+    aborts every process) after 5 minutes: longer than exporting a large model may take."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

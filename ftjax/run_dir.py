@@ -99,11 +99,10 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = self._create()
             except FileExistsError:
                 holder = self._holder()
                 dead = (holder.get("host") == me["host"] and not _alive(holder.get("pid")) if holder is not None
@@ -121,6 +120,18 @@ class RunLock:
             self.held = True
             return self
         raise FtjaxError(f"output_dir {self.path.parent}: could not take the lock {self.path}")
+
+    def _create(self) -> int:
+        """The lock file, opened exclusively. Its folder is made again when it vanished: while it is
+        empty, the other processes of the run may remove it (``check_writable`` leaves no trace);
+        once the lock is in it, it stays."""
+        for _ in range(100):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileNotFoundError:
+                continue
+        raise FtjaxError(f"output_dir {self.path.parent} keeps vanishing: could not take the lock {self.path}")
 
     def _holder(self) -> Optional[dict]:
         try:

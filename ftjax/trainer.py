@@ -36,6 +36,7 @@ from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.example_packing import pack_for_training
 from ftjax.data.loading import load_splits, subsample
 from ftjax.data.streaming import BlockStream, StreamBatcher, prepare_streaming
+from ftjax.distributed import sync
 from ftjax.errors import FtjaxError
 from ftjax.flops import FlopCounter, optimizer_flops, peak_tflops
 from ftjax.lora import Adaptation, export_peft
@@ -346,9 +347,7 @@ class Trainer:
             check_best_metric(self.task, metric_key(args.metric_for_best_model))
         ckpt_dir = self.output_dir / "checkpoints"
         plan = plan_resume(args, self.output_dir, self.is_main)
-        if jax.process_count() > 1:  # nobody writes before every process has checked the output dir
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("ftjax: output_dir checked")
+        sync("ftjax: output_dir checked")  # nobody writes before every process has checked it
         self.steps_per_epoch = int(agree_max([self.batcher("train").num_batches()])[0])
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * self.steps_per_epoch)
         self.init_state(total, resuming=bool(plan.steps))
@@ -612,6 +611,7 @@ class Trainer:
             self._write_json("results.json", results)
         self.logger.close()
         self.ckpt.close()
+        sync("ftjax: run written")  # the others wait for process 0's export (see distributed.sync)
         return results
 
     def _write_model_card(self, results: dict) -> None:

@@ -7,11 +7,8 @@ evaluation) and from plain timers; the n-th occurrence is drawn at random (seede
 run still has ahead of it."""
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,7 +16,7 @@ from flax.serialization import msgpack_restore
 
 from conftest import tiny_overrides
 from ftjax.checkpoint import finalized_steps
-from test_multihost import _free_port
+from processes import cli_env, start, start_processes, tails, wait_all
 
 STEPS, SAVE_EVERY, EVAL_EVERY, KEEP = 12, 2, 3, 2
 RUN = {"training.max_steps": STEPS, "training.save_strategy": "steps", "training.save_steps": SAVE_EVERY,
@@ -27,14 +24,8 @@ RUN = {"training.max_steps": STEPS, "training.save_strategy": "steps", "training
        "training.logging_steps": 1, "training.load_best_model_at_end": "false"}
 
 
-def _command(tiny_model, data, out, config):
-    return [sys.executable, "-m", "ftjax.cli", "train", str(config), *tiny_overrides(tiny_model, data, out, **RUN)]
-
-
-def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env.pop("FTJAX_FAULT", None)
-    return dict(env, **extra)
+def _args(tiny_model, data, out, config):
+    return ["train", str(config), *tiny_overrides(tiny_model, data, out, **RUN)]
 
 
 def _params(out):
@@ -70,25 +61,26 @@ def test_sigkill_at_random_moments_then_the_same_command_ends_bit_identical(tiny
     config = tmp_path / "classification.yaml"
     config.write_text("task: classification\n")
     ref, out = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_command(tiny_model, sentiment_csv, ref, config), env=_env(), check=True, capture_output=True)
+    logs = tmp_path / "logs"
+    reference, = wait_all([start(_args(tiny_model, sentiment_csv, ref, config), cli_env(), logs, "reference")], 300)
+    assert reference.returncode == 0, reference.err[-3000:]
     rng, kills, moments = random.Random(10), 0, []
     # each kind of moment once (before the first checkpoint, a write in flight, an evaluation, a
     # deletion), then random ones
     forced = ["train_step:1", "save:1", "evaluate:1", "delete:1"]
     while kills < 10:
         moment, extra = (forced[0], {"FTJAX_FAULT": forced.pop(0)}) if forced else _moment(rng, out)
-        proc = subprocess.Popen(_command(tiny_model, sentiment_csv, out, config), env=_env(**extra),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child = start(_args(tiny_model, sentiment_csv, out, config), cli_env(**extra), logs, f"kill{kills}")
         if moment.startswith("timer"):
             time.sleep(float(moment.split()[-1][:-1]))
-            proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
-        assert proc.returncode != 0, f"{moment} was never reached: {moments}"
+            child.send_signal(signal.SIGKILL)
+        wait_all([child], 300)
+        assert child.returncode in (0, -signal.SIGKILL), child.err[-2000:]
+        assert child.returncode != 0, f"{moment} was never reached: {moments}"
         kills += 1
         moments.append((moment, max(finalized_steps(out / "checkpoints"), default=None)))
-    proc = subprocess.run(_command(tiny_model, sentiment_csv, out, config), env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, (moments, proc.stderr[-3000:])
+    last, = wait_all([start(_args(tiny_model, sentiment_csv, out, config), cli_env(), logs, "last")], 300)
+    assert last.returncode == 0, (moments, last.err[-3000:])
     assert kills >= 10, moments
     want, got = _params(ref), _params(out)
     assert want.keys() == got.keys()
@@ -111,22 +103,20 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_exits_1
     over = tiny_overrides(tiny_model, sentiment_csv, out, **{
         "training.max_steps": 100000, "training.logging_steps": 1, "training.eval_strategy": "no",
         "training.save_strategy": "no", "training.per_device_train_batch_size": 2, "mesh.data": -1})
-    env = _env(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES="2")
-    procs = [subprocess.Popen([sys.executable, "-m", "ftjax.cli", "train", str(config), *over],
-                              env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+    children = start_processes(2, ["train", str(config), *over], cli_env(), tmp_path / "logs")
     try:
-        deadline = time.time() + 300
+        deadline = time.monotonic() + 300
         while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            assert time.monotonic() < deadline and all(c.poll() is None for c in children), \
+                f"training did not start:\n{tails(children)}"
             time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)  # only the second process is preempted
-        outs = [p.communicate(timeout=180) for p in procs]  # a hang fails here
+        children[1].send_signal(signal.SIGTERM)  # only the second process is preempted
+        wait_all(children, 180)  # a hang fails here
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for _, e in outs]
-    steps = [json.loads(o.strip().splitlines()[-1])["step"] for o, _ in outs]
-    assert steps[0] == steps[1] and finalized_steps(out / "checkpoints") == [steps[0]]
-    assert "stopped by SIGTERM" in json.loads(outs[0][0].strip().splitlines()[-1])["status"]
+        for c in children:
+            if c.poll() is None:
+                c.proc.kill()
+    assert [c.returncode for c in children] == [143, 143], tails(children)
+    summaries = [json.loads(c.out.strip().splitlines()[-1]) for c in children]
+    assert summaries[0]["step"] == summaries[1]["step"] and finalized_steps(out / "checkpoints") == [summaries[0]["step"]]
+    assert "stopped by SIGTERM" in summaries[0]["status"]

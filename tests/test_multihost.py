@@ -6,10 +6,6 @@ NER words is global) and feeds its strided rows; outputs are gathered by global 
 metrics, so evaluation is the same on every process; process 0 writes the logs."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +14,15 @@ import pytest
 from conftest import tiny_overrides, write_sentiment_csv
 from ftjax.data.squad import cloze_qa
 from ftjax.paths import resolve_path
+from processes import cli_env, run_processes
 
 LEE = "pkg://gensim/test/test_data/lee_background.cor"
 WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _launch(n_proc, devices_per_proc, config, overrides):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}")
-    if n_proc > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES=str(n_proc))
-    procs = [subprocess.Popen([sys.executable, "-m", "ftjax.cli", "train", config, *overrides],
-                              env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(n_proc)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return outs
+def launch(n_proc, devices_per_proc, config, overrides, logs: Path):
+    """``ftjax train`` as ``n_proc`` processes of ``devices_per_proc`` CPU devices; the children."""
+    return run_processes(n_proc, ["train", config, *overrides], cli_env(devices_per_proc), logs)
 
 
 def _ner_file(path: Path) -> str:
@@ -94,10 +76,11 @@ def _family(name, tmp_path, tiny_model, tiny_bart):
 def _run(tmp_path, base, n_proc, devices_per_proc, name):
     out, config = tmp_path / name, tmp_path / "config.yaml"
     config.write_text("task: classification\n")  # the rest comes as overrides
-    outs = _launch(n_proc, devices_per_proc, str(config), [f"training.output_dir={out}", *base])
+    children = launch(n_proc, devices_per_proc, str(config), [f"training.output_dir={out}", *base],
+                      tmp_path / f"{name}-logs")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     results = json.loads((out / "results.json").read_text())
-    return np.array([r["train/loss"] for r in log if "train/loss" in r]), results, outs
+    return np.array([r["train/loss"] for r in log if "train/loss" in r]), results, children
 
 
 @pytest.mark.parametrize("family", ["classification", "ner", "mlm", "clm", "qa", "seq2seq"])
@@ -110,14 +93,16 @@ def test_two_processes_match_one_process(family, tmp_path, tiny_model, tiny_bart
         "training.save_steps": 4, "mesh.data": -1, **extra})
     base = [o for o in base if not o.startswith("training.output_dir=")]
     one, res_one, _ = _run(tmp_path, base, 1, 2, "one")
-    two, res_two, outs = _run(tmp_path, base, 2, 1, "two")
+    two, res_two, children = _run(tmp_path, base, 2, 1, "two")
     assert len(one) == len(two) == 4
     np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
     val_one, val_two = res_one["validation"], res_two["validation"]
     assert res_two["train"]["devices"] == 2 and val_two["num_examples"] == val_one["num_examples"] > 0
     for key in ["loss", *compared]:
         assert val_two[key] == pytest.approx(val_one[key], rel=1e-4, abs=1e-5), key
-    summary = json.loads(outs[0][0].strip().splitlines()[-1])  # the CLI's final line, from process 0
+    summary = json.loads(children[0].out.strip().splitlines()[-1])  # the CLI's final line, from process 0
     assert summary["validation_num_examples"] == val_two["num_examples"]
+    # process 1 waits for process 0's export and results before it ends (distributed.sync)
+    assert children[1].stdout_path.stat().st_mtime_ns >= (tmp_path / "two" / "results.json").stat().st_mtime_ns
     assert (tmp_path / "two" / "checkpoints" / "4").is_dir()
     assert (tmp_path / "two" / "export" / "flax_model.msgpack").is_file()

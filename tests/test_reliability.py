@@ -199,6 +199,24 @@ def test_run_lock_is_exclusive_and_released(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_run_lock_survives_another_process_probing_the_new_output_dir(tmp_path, monkeypatch):
+    """Every process of a run checks that a new output_dir can be made, then removes the folders it
+    made while they are still empty (check_writable); when that removal lands between process 0
+    making the folder and creating the lock in it, the lock makes it again instead of failing."""
+    out, real_open, removed = tmp_path / "new" / "run", os.open, []
+
+    def open_after_another_probe(path, *args):
+        if not removed:  # the other process's clean-up, just before our open
+            out.rmdir()
+            out.parent.rmdir()
+            removed.append(out)
+        return real_open(path, *args)
+    monkeypatch.setattr(os, "open", open_after_another_probe)
+    with RunLock(out):
+        assert removed and (out / LOCK_NAME).is_file()
+    assert not (out / LOCK_NAME).exists()
+
+
 @pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])
 def test_bad_output_dir_fails_before_any_work(where, tmp_path, capsys, tiny_model, sentiment_csv):
     (tmp_path / "f").write_text("mine")

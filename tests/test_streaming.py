@@ -186,7 +186,7 @@ def test_tokenization_and_packing_show_examples_per_second(tokenizer, lee_texts,
 def test_two_processes_stream_and_resume_exactly(tiny_model, tmp_path):
     """2 processes x 1 device: each streams its share; a run resumed from the step-2 checkpoint of
     another gets the same losses at steps 3-4 (every process back at its own stream position)."""
-    from test_multihost import _launch
+    from test_multihost import launch
     config = tmp_path / "config.yaml"
     config.write_text("task: mlm\n")
     base = lm_overrides(tiny_model, tmp_path / "unused", **{
@@ -200,9 +200,10 @@ def test_two_processes_stream_and_resume_exactly(tiny_model, tmp_path):
         log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
         return np.array([r["train/loss"] for r in log if "train/loss" in r])
 
-    _launch(2, 1, str(config), [f"training.output_dir={tmp_path / 'whole'}", *base])
-    _launch(2, 1, str(config), [f"training.output_dir={tmp_path / 'resumed'}", *base,
-                                f"training.resume_from_checkpoint={tmp_path / 'whole' / 'checkpoints' / '2'}"])
+    launch(2, 1, str(config), [f"training.output_dir={tmp_path / 'whole'}", *base], tmp_path / "logs-whole")
+    launch(2, 1, str(config), [f"training.output_dir={tmp_path / 'resumed'}", *base,
+                               f"training.resume_from_checkpoint={tmp_path / 'whole' / 'checkpoints' / '2'}"],
+           tmp_path / "logs-resumed")
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert len(whole) == 4 and len(resumed) == 2
     np.testing.assert_allclose(resumed, whole[2:], rtol=1e-6)
