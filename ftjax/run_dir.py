@@ -44,20 +44,32 @@ def check_writable(output_dir: str | Path) -> Path:
     if not existing.is_dir():
         raise FtjaxError(f"output_dir {out} lies under {existing}, which is a file: choose another "
                          "training.output_dir")
-    try:  # a real write, not os.access (which says yes to root on a read-only file system)
-        if out.is_dir():
-            tempfile.TemporaryFile(dir=out).close()
-        else:
-            out.mkdir(parents=True, exist_ok=True)  # exist_ok: other processes of the run probe it too
-            while out != existing:  # leave no trace: a run that then fails on its inputs wrote nothing
-                with contextlib.suppress(OSError):  # gone, or in use: another process got there first
-                    out.rmdir()
-                out = out.parent
-            out = Path(output_dir).absolute()
-    except OSError as e:
-        raise FtjaxError(f"output_dir {out} cannot be created or written to ({e.strerror}): choose another "
-                         "training.output_dir") from None
+    for attempt in range(10):
+        try:
+            _probe(out)
+            break
+        except OSError as e:  # FileNotFoundError may be another process of the run removing its own probe
+            if isinstance(e, FileNotFoundError) and attempt < 9:
+                continue
+            raise FtjaxError(f"output_dir {out} cannot be created or written to ({e.strerror}): choose another "
+                             "training.output_dir") from None
     return out
+
+
+def _probe(out: Path) -> None:
+    """A real write, not os.access (which says yes to root on a read-only file system). Folders
+    that did not exist are made and removed again: a run that then fails on its inputs wrote nothing."""
+    if out.is_dir():
+        tempfile.TemporaryFile(dir=out).close()
+        return
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    out.mkdir(parents=True, exist_ok=True)  # exist_ok: other processes of the run probe it too
+    while out != existing:
+        with contextlib.suppress(OSError):  # gone, or in use: another process got there first
+            out.rmdir()
+        out = out.parent
 
 
 def previous_run_files(output_dir: Path) -> list[Path]:

