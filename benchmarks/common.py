@@ -45,7 +45,7 @@ def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "jax_backend": jax.default_backend(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
             time.gmtime()), "loadavg_1_5_15": os.getloadavg(),
-            "shared_machine": "a 2-core CPU VM shared with other jobs (other engineers' tests and builds)"}
+            "note": os.environ.get("FTJAX_BENCH_NOTE", "")}  # e.g. what else ran on the machine
     try:
         import torch
         info["torch"] = torch.__version__

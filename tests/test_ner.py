@@ -1,6 +1,7 @@
 """Token classification: CoNLL reader, label alignment for three tokenizer families, seqeval metrics,
 pipeline-equal entity aggregation over windows, and a few steps on real WNUT-16."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -290,6 +291,11 @@ def test_few_steps_on_wnut16_then_predict_from_the_cli(tiny_model, tmp_path):
     assert len(config["id2label"]) == 21 and config["label2id"]["B-person"] == 13
 
     from ftjax.cli import main
+    # ftjax compare on the real run: one row per entity type of its validation results
+    assert main(["compare", str(out), "--split", "validation", "--output", str(tmp_path / "compare")]) == 0
+    per_type = list(csv.DictReader(open(tmp_path / "compare" / "compare_per_type.csv")))
+    assert [(p["type"], float(p["f1"])) for p in per_type] == [
+        (t, pytest.approx(v["f1"])) for t, v in sorted(val["per_type"].items())] and len(per_type) >= 2
     inputs = _write(tmp_path / "in.txt", "Justin Bieber is playing at Madison Square Garden tonight\n\n")
     assert main(["predict", "configs/ner-wnut16-minilm.yaml", *over, "--input", inputs,
                  "--output", str(tmp_path / "pred.jsonl")]) == 0
