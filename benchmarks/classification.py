@@ -58,7 +58,7 @@ def run_torch(args, model: str, data: Path) -> dict:
             "macro_f1": r["eval_macro_f1"], "peak_rss_mb": rss, "train_s": r["train_seconds"], "wall_s": wall}
 
 
-def run_ftjax(args, model: str, out_dir: Path) -> dict:
+def run_ftjax(args, model: str, out_dir: Path, env: dict | None = None) -> dict:
     _, rss, wall = measured([sys.executable, "-m", "ftjax.cli", "train", CONFIG, f"training.output_dir={out_dir}",
                              f"model.name_or_path={model}", "training.overwrite_output_dir=true",
                              f"data.max_train_samples={args.train_samples}", f"data.max_eval_samples={args.eval_samples}",
@@ -68,12 +68,13 @@ def run_ftjax(args, model: str, out_dir: Path) -> dict:
                              f"data.group_by_length={str(args.group_by_length).lower()}",
                              "training.eval_strategy=no", "training.save_strategy=no",
                              "training.load_best_model_at_end=false", "training.export_pytorch=false",
-                             "training.disable_tqdm=true", *overrides(args.ftjax_args)])
+                             "training.disable_tqdm=true", *overrides(args.ftjax_args)], env)
     res = json.loads((out_dir / "results.json").read_text())
     train = res["train"]
     return {"train_examples_per_s": train["train_examples_per_second"], "accuracy": res["validation"]["accuracy"],
             "macro_f1": res["validation"]["f1_macro"], "peak_rss_mb": rss, "train_s": train["train_runtime_s"],
-            "wall_s": wall, "compiles": train["compiles"]["train_step"], "padding_eff": train["padding_efficiency"]}
+            "wall_s": wall, "compiles": train["compiles"]["train_step"], "padding_eff": train["padding_efficiency"],
+            "compilation_cache": train.get("compilation_cache")}
 
 
 def main() -> None:
@@ -90,6 +91,9 @@ def main() -> None:
                    help="neither side groups rows by length")
     p.add_argument("--ftjax-args", default="", help="extra ftjax overrides, e.g. 'data.packing=true'")
     p.add_argument("--quick", action="store_true", help="256 / 128 examples, 2 repeats: a smoke run")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="ftjax loads its compiled steps from a compilation cache filled by one untimed run "
+                        "first (the same command run again); default: every run compiles")
     p.add_argument("--output", default=str(RESULTS / "classification.json"))
     args = p.parse_args()
     if args.quick:
@@ -101,8 +105,11 @@ def main() -> None:
     init = initial_model("AutoModelForSequenceClassification", model_path, tmp / "init", args.seed,
                          num_labels=len(names), id2label=dict(enumerate(names)),
                          label2id={n: i for i, n in enumerate(names)})
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp / "xla")} if args.warm_cache else None
+    if cache:
+        run_ftjax(args, init, tmp / "ftjax-warm-up", cache)
     runs = alternate({"PyTorch Trainer": lambda i: run_torch(args, init, tmp / "data.json"),
-                      "ftjax": lambda i: run_ftjax(args, init, tmp / f"ftjax-{i}")}, args.repeats)
+                      "ftjax": lambda i: run_ftjax(args, init, tmp / f"ftjax-{i}", cache)}, args.repeats)
     record = side_by_side("classification (MiniLM-L6, tweets)", runs, "train_examples_per_s", "train examples/s",
                           ["accuracy", "macro_f1"])
     rows = [{"run": name, **r} for name, rs in runs.items() for r in rs]

@@ -32,6 +32,11 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
+def cache_home() -> Path:
+    """``$FTJAX_CACHE``, else ``~/.cache/ftjax``: tokenized datasets, compiled programs."""
+    return Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax")).expanduser()
+
+
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` asks to stay off the Hugging Face Hub."""
     return os.environ.get("HF_HUB_OFFLINE", "0") not in _FALSE or \

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
+
+from ftjax.paths import cache_home
 
 
 def transformers_without_torch() -> None:
@@ -23,11 +26,51 @@ def transformers_without_torch() -> None:
         os.environ.setdefault("USE_TORCH", "0")
 
 
+COMPILATION_CACHE_BYTES = 4 << 30  # least recently used programs go beyond this
+
+
+def compilation_cache() -> None:
+    """JAX's persistent compilation cache in ``$FTJAX_CACHE/xla`` (``~/.cache/ftjax/xla``): a run
+    that compiles the same step as an earlier one (a re-run, a resume, a sweep's next run, eval /
+    predict after training) loads the compiled program instead of compiling it again. An explicit
+    ``JAX_COMPILATION_CACHE_DIR`` wins; set it empty to turn the cache off. Only the user's own
+    folder: JAX trusts what is in it (anyone who can write there can run code in the process)."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_home() / "xla")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILATION_CACHE_BYTES))
+    if "jax" in sys.modules:  # jax read its environment at import: tell it directly (before a compile)
+        import jax
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+
+
+_cache_events: Counter = Counter()
+
+
+def _count_cache_event(event: str, **_) -> None:
+    if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+        _cache_events[event.rsplit("_", 1)[-1]] += 1
+
+
+def compilation_cache_events() -> Counter:
+    """Programs this process loaded from the persistent compilation cache (``hits``) and compiled
+    and wrote to it (``misses``; programs that compile in under a second are not written), counted
+    from the first call on: read it before and after, and subtract."""
+    if not _cache_events:
+        import jax
+        jax.monitoring.register_event_listener(_count_cache_event)
+        _cache_events["listening"] = 1
+    return Counter({k: v for k, v in _cache_events.items() if k != "listening"})
+
+
 def configure_process() -> None:
     """XLA:CPU's memory-optimized scheduler (~20% less temporary memory for a train step here, no
-    measurable speed cost; ``xla_cpu_*`` flags are ignored by GPU / TPU), and no PyTorch in the
-    process (``transformers_without_torch``)."""
+    measurable speed cost; ``xla_cpu_*`` flags are ignored by GPU / TPU), the persistent
+    compilation cache (``compilation_cache``) and no PyTorch in the process
+    (``transformers_without_torch``)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_scheduler_type" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED").strip()
+    compilation_cache()
     transformers_without_torch()

@@ -46,6 +46,7 @@ from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger, truncate_log
 from ftjax.resume import plan_resume, restore_newest_intact, signature
 from ftjax.run_dir import RunLock, check_writable, clear_previous_run
+from ftjax.runtime import compilation_cache_events
 from ftjax.step import TrainState, make_eval_step, make_train_step
 from ftjax.tasks import Task, get_task
 from ftjax.tasks.base import Split, check_best_metric
@@ -97,6 +98,7 @@ class Trainer:
                  model_path: Optional[str] = None, with_data: bool = True):
         self.config = config
         self.args = config.training
+        self._cache_before = compilation_cache_events()  # programs loaded instead of compiled
         self.task = task or get_task(config)
         self.mesh = mesh if mesh is not None else S.make_mesh(config.mesh)
         self.output_dir = Path(self.args.output_dir)
@@ -583,6 +585,7 @@ class Trainer:
             "packing": train.pack_stats.to_dict() if getattr(train, "pack_stats", None) else None,
             "compiles": {"train_step": self.train_step._cache_size(),
                          "eval_step": self._eval_step._cache_size() if self._eval_step else 0},
+            "compilation_cache": {k: compilation_cache_events()[k] - self._cache_before[k] for k in ("hits", "misses")},
             "stopped_by": stopped_by, "best_step": p.best_step, "best_metric": p.best_metric,
             "mesh": dict(self.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend(),
             "trainable_parameters": _size(self.state.params), "frozen_parameters": _size(self.frozen),

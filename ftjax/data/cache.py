@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import datasets
 from datasets.fingerprint import Hasher
 
-from ftjax.paths import resolve_path
+from ftjax.paths import cache_home, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def cache_root(cache_dir: Optional[str]) -> Path:
     """``data.cache_dir``, else ``$FTJAX_CACHE/datasets``, else ``~/.cache/ftjax/datasets``."""
     if cache_dir:
         return Path(cache_dir).expanduser()
-    return Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax")).expanduser() / "datasets"
+    return cache_home() / "datasets"
 
 
 def _file_stamp(path: Optional[str]):
