@@ -21,21 +21,22 @@ SOURCES = ("classification", "ner", "lm", "qa_seq2seq")
 def collect(results: Path = RESULTS) -> list[dict]:
     """Every summary record, with the file, command and machine it came from."""
     records = []
-    for name in SOURCES:
-        path = results / f"{name}.json"
-        if not path.exists():
-            continue
-        data = json.loads(path.read_text())
-        for record in data.get("summary", []):  # files from before the repeated runs have none
-            records.append({**record, "source": path.name, "command": data.get("command"),
-                            "machine": data.get("machine")})
+    for name in SOURCES:  # <name>.json and the variants written with --output <name>_*.json
+        for path in [results / f"{name}.json", *sorted(results.glob(f"{name}_*.json"))]:
+            if not path.exists():
+                continue
+            data = json.loads(path.read_text())
+            for record in data.get("summary", []):  # files from before the repeated runs have none
+                if isinstance(record, dict) and "task" in record:
+                    records.append({**record, "benchmark": name, "source": path.name,
+                                    "command": data.get("command"), "machine": data.get("machine")})
     return records
 
 
 def main() -> None:
     records = collect()
-    print(summary_table(records))
-    missing = [n for n in SOURCES if not any(r["source"] == f"{n}.json" for r in records)]
+    print(summary_table([{**r, "task": f"{r['task']} ({r['source']})"} for r in records]))
+    missing = [n for n in SOURCES if not any(r["benchmark"] == n for r in records)]
     if missing:
         print(f"no repeated side-by-side record yet in: {', '.join(missing)}")
     out = RESULTS / "summary.json"
