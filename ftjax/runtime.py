@@ -45,7 +45,8 @@ def compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
 
 
-_cache_events: Counter = Counter()
+_cache_events: Counter = Counter()  # hits / misses, once the listener is registered
+_listening = False
 
 
 def _count_cache_event(event: str, **_) -> None:
@@ -57,11 +58,12 @@ def compilation_cache_events() -> Counter:
     """Programs this process loaded from the persistent compilation cache (``hits``) and compiled
     and wrote to it (``misses``; programs that compile in under a second are not written), counted
     from the first call on: read it before and after, and subtract."""
-    if not _cache_events:
+    global _listening
+    if not _listening:
         import jax
         jax.monitoring.register_event_listener(_count_cache_event)
-        _cache_events["listening"] = 1
-    return Counter({k: v for k, v in _cache_events.items() if k != "listening"})
+        _listening = True
+    return Counter(_cache_events)
 
 
 def configure_process() -> None:
