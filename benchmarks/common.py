@@ -27,12 +27,11 @@ def measured(argv: list[str], env: dict | None = None) -> tuple[str, float, floa
     line, so several children in one benchmark are measured independently. JAX's persistent
     compilation cache is off unless ``env`` names a ``JAX_COMPILATION_CACHE_DIR``: every run
     compiles, as the first run of a new config does."""
-    env = {"JAX_COMPILATION_CACHE_DIR": "", **(env or {})}
     wrapper = ("import os, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
                "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
                "file=sys.stderr); sys.exit(p.returncode)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               **env)
+               JAX_COMPILATION_CACHE_DIR="", **(env or {}))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - start

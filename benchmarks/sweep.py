@@ -53,7 +53,6 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--note", default="", help="what else ran on the machine, kept with the results")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ftjax-bench-sweep-"))
     measurements = []
@@ -89,8 +88,7 @@ def report(measurements: list[dict], args) -> None:
     print(table([{"run": r, "seq_loss": seq[r]["loss"], "vec_loss": vec[r]["loss"], "seq_acc": seq[r]["accuracy"],
                   "vec_acc": vec[r]["accuracy"]} for r in seq], ["run", "seq_loss", "vec_loss", "seq_acc", "vec_acc"]))
     print(json.dumps({**summary, **equality}))
-    path = save("sweep", {"args": vars(args), "machine": {**machine(), "loadavg_end": os.getloadavg(),
-                                                          "note": args.note},
+    path = save("sweep", {"args": vars(args), "machine": {**machine(), "loadavg_end": os.getloadavg()},
                           "repeats_done": len(measurements) // 2, "rows": rows, "summary": summary,
                           "equality": equality, "measurements": measurements,
                           "command": "python benchmarks/sweep.py " + " ".join(sys.argv[1:])})

@@ -573,7 +573,7 @@ class Trainer:
         if self.args.load_best_model_at_end and p.best_step not in (None, self.step):
             self.state, _ = self.ckpt.restore(p.best_step, abstract_like(self.state, self.state_shardings))
             final_step = p.best_step
-        train = self.batcher("train")
+        train, cache = self.batcher("train"), compilation_cache_events()
         results = {"train": {
             "global_step": self.step, "epochs": p.epoch + p.position / self.steps_per_epoch,
             "data_preparation_s": self.data_seconds, "train_runtime_s": self.seconds, "train_examples": p.examples,
@@ -585,7 +585,7 @@ class Trainer:
             "packing": train.pack_stats.to_dict() if getattr(train, "pack_stats", None) else None,
             "compiles": {"train_step": self.train_step._cache_size(),
                          "eval_step": self._eval_step._cache_size() if self._eval_step else 0},
-            "compilation_cache": {k: compilation_cache_events()[k] - self._cache_before[k] for k in ("hits", "misses")},
+            "compilation_cache": {k: cache[k] - self._cache_before[k] for k in ("hits", "misses")},
             "stopped_by": stopped_by, "best_step": p.best_step, "best_metric": p.best_metric,
             "mesh": dict(self.mesh.shape), "devices": jax.device_count(), "backend": jax.default_backend(),
             "trainable_parameters": _size(self.state.params), "frozen_parameters": _size(self.frozen),
