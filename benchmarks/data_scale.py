@@ -15,6 +15,9 @@ PYTHONPATH (e.g. the commit before Arrow-backed batching) for the side-by-side. 
 ``data.streaming: true`` run per size (peak RSS, time to first step, training tokens/s).
 ``--repeats N`` repeats the training runs (cached Arrow / before / streaming, alternating) N times on
 corpora up to ``--repeat-max-mb`` and reports the median training tokens/s with its spread.
+Training tokens/s are counted after the first step (which holds the compilation), from the run's
+log (one line a step). ``--num-proc`` sets ``data.preprocessing_num_workers`` for tokenization and
+packing.
 ``--timeout-s`` gives up a run that takes longer (the row says so). The load average of the machine
 is recorded with every row: on a shared machine the tokens/s columns move with the other jobs.
 """
@@ -39,7 +42,7 @@ from common import ROOT, machine, save, table  # noqa: E402
 CONFIG = str(ROOT / "configs" / "mlm-minilm-lee.yaml")
 WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE = "pkg://gensim/test/test_data/lee_background.cor"
-STEPS, BATCH, BLOCK = 4, 16, 128
+STEPS, BATCH, BLOCK = 12, 16, 128
 
 
 def documents() -> list[str]:
@@ -102,19 +105,22 @@ def measured_run(argv: list[str], env: dict, first_step_file: Path,
 
 
 def run(corpus: Path, out: Path, cache: Path, pythonpath: str | None = None, streaming: bool = False,
-        timeout_s: float | None = None) -> dict:
+        timeout_s: float | None = None, steps: int = STEPS, num_proc: int | None = None) -> dict:
     overrides = [f"data.train_file={corpus}", f"training.output_dir={out}", "training.overwrite_output_dir=true",
-                 f"training.max_steps={STEPS}", f"training.per_device_train_batch_size={BATCH}",
+                 f"training.max_steps={steps}", f"training.per_device_train_batch_size={BATCH}",
                  f"task_options.block_size={BLOCK}", "training.eval_strategy=no", "training.save_strategy=no",
                  "data.max_eval_samples=50", "training.export_pytorch=false", "training.disable_tqdm=true",
                  "training.report_to=[jsonl]", "training.logging_steps=1", f"data.cache_dir={cache}", "mesh.data=1"]
     if streaming:
         overrides.append("data.streaming=true")
+    elif num_proc:
+        overrides.append(f"data.preprocessing_num_workers={num_proc}")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HF_DATASETS_CACHE": str(cache / "hf")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-        overrides = [o.replace("task_options.block_size", "data.block_size") for o in overrides
-                     if not o.startswith("data.cache_dir")]
+        overrides = [o for o in overrides if not o.startswith("data.cache_dir")]
+        if "task_options" not in (Path(pythonpath) / "ftjax" / "config.py").read_text():  # older than that section
+            overrides = [o.replace("task_options.block_size", "data.block_size") for o in overrides]
     config = str(Path(pythonpath) / "configs" / "mlm-minilm-lee.yaml") if pythonpath else CONFIG
     # The other checkout's ftjax, not the editable install's (whose finder would win over PYTHONPATH).
     launcher = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
@@ -128,7 +134,19 @@ def run(corpus: Path, out: Path, cache: Path, pythonpath: str | None = None, str
     results = json.loads((out / "results.json").read_text())["train"]
     return {"peak_rss_mb": peak, "wall_s": wall, "first_step_s": first_step,
             "data_preparation_s": results.get("data_preparation_s"),
-            "train_tokens_per_s": results["train_examples_per_second"] * BLOCK}
+            "train_tokens_per_s": steady_tokens_per_s(out / "log.jsonl")}
+
+
+def steady_tokens_per_s(log: Path) -> float:
+    """Training tokens/s after the first step (which holds the compilation): the log's cumulative
+    examples/s at every step gives each step's end time."""
+    ends = {}
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if "train/examples_per_second" in record:
+            ends[record["step"]] = record["step"] * BATCH / record["train/examples_per_second"]
+    first, last = min(ends), max(ends)
+    return (last - first) * BATCH * BLOCK / (ends[last] - ends[first])
 
 
 def spread(values: list[float]) -> dict:
@@ -139,6 +157,7 @@ def spread(values: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes-mb", type=float, nargs="+", default=[4, 40, 200])
+    p.add_argument("--num-proc", type=int, default=None, help="data.preprocessing_num_workers (Arrow runs)")
     p.add_argument("--before", help="another ftjax checkout to measure the same first run with")
     p.add_argument("--before-max-mb", type=float, default=200, help="largest corpus for --before (memory)")
     p.add_argument("--streaming", action="store_true", help="also a data.streaming: true run per size")
@@ -148,8 +167,10 @@ def main() -> None:
     p.add_argument("--streaming-only-above-mb", type=float, default=None,
                    help="larger corpora get only the streaming run (the Arrow first run takes too long)")
     p.add_argument("--out", default="data_scale", help="results file name under benchmarks/results")
+    p.add_argument("--steps", type=int, default=STEPS, help="training steps per run (tokens/s after the first)")
     args = p.parse_args()
     docs = documents()
+    limits = {"timeout_s": args.timeout_s, "steps": args.steps}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -162,8 +183,8 @@ def main() -> None:
             try:
                 if not arrow:
                     raise TimedOut("not run (--streaming-only-above-mb)")
-                first = run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
-                again = run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
+                first = run(corpus, tmp / "out", cache, num_proc=args.num_proc, **limits)
+                again = run(corpus, tmp / "out", cache, num_proc=args.num_proc, **limits)
                 row.update(peak_rss_mb=first["peak_rss_mb"], cached_peak_rss_mb=again["peak_rss_mb"],
                            prep_s=first["data_preparation_s"], cached_prep_s=again["data_preparation_s"],
                            first_step_s=first["first_step_s"], cached_first_step_s=again["first_step_s"],
@@ -174,13 +195,13 @@ def main() -> None:
                 again = None
             kinds = {}
             if again is not None:
-                kinds["arrow"] = lambda: run(corpus, tmp / "out", cache, timeout_s=args.timeout_s)
+                kinds["arrow"] = lambda: run(corpus, tmp / "out", cache, num_proc=args.num_proc, **limits)
             if args.before and mb <= args.before_max_mb:
                 kinds["before"] = lambda: run(corpus, tmp / "out-before", tmp / f"cache-before-{mb:g}",
-                                              pythonpath=args.before, timeout_s=args.timeout_s)
+                                              pythonpath=args.before, **limits)
             if args.streaming:
                 kinds["streaming"] = lambda: run(corpus, tmp / "out-stream", tmp / f"cache-stream-{mb:g}",
-                                                 streaming=True, timeout_s=args.timeout_s)
+                                                 streaming=True, **limits)
             tokens = {k: [] for k in kinds}
             if again is not None:
                 tokens["arrow"].append(again["train_tokens_per_s"])
@@ -213,7 +234,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             record = {"machine": {**machine(), "shared": "2-core CPU VM shared with other jobs (see loadavg)"},
-                      "steps": STEPS, "batch": BATCH, "block": BLOCK, "rows": rows, "command": " ".join(sys.argv)}
+                      "steps": args.steps, "num_proc": args.num_proc, "batch": BATCH, "block": BLOCK, "rows": rows, "command": " ".join(sys.argv)}
             save(args.out, record)  # after every size: a long run cut short keeps its rows
             for path in cache.glob("**/*"):  # keep the disk small between sizes
                 if path.is_file():

@@ -112,7 +112,7 @@ class DataConfig:
     group_by_length: bool = True  # sort by length inside shuffled windows of batches
     length_window_batches: int = 32
     shuffle: bool = True
-    preprocessing_num_workers: Optional[int] = None  # processes for tokenization (datasets.map num_proc)
+    preprocessing_num_workers: Optional[int] = None  # processes for tokenization and LM packing (datasets.map num_proc)
     # Tokenized / packed splits are cached here as Arrow files (default ~/.cache/ftjax/datasets) and
     # reused by a run with the same data, tokenizer and settings.
     cache_dir: Optional[str] = None

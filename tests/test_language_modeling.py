@@ -251,21 +251,25 @@ def test_smollm2_from_gguf_says_paris_and_matches_pytorch_loss():
 # ---------------------------------------------------------------- corpora on disk
 
 
-def test_streamed_packing_equals_packing_the_whole_stream(tmp_path):
-    """BlockPacker carries the unfinished block across map batches: the Arrow blocks equal pack()."""
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_arrow_packing_equals_packing_the_whole_stream(num_proc):
+    """Each map batch of blocks reads only the documents it spans: for any batch size and over
+    several processes, the Arrow blocks (and corpus-wide word ids) equal pack() on the whole stream."""
     import datasets
     from ftjax.data.packing import pack_dataset
     tok = transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))
     docs = [" ".join(f"word{i}x{j}" for j in range(1 + (7 * i) % 13)) for i in range(40)] + ["   "]
+    docs[5] = " ".join(f"long{j}" for j in range(30))  # one document longer than two blocks
     ds = datasets.Dataset.from_dict({"text": docs})
     enc = tok([d for d in docs if d.strip()], add_special_tokens=False)
-    for remainder, whole_words in (("drop", False), ("pad", True)):
+    words = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(enc["input_ids"]))]
+    for remainder, whole_words, batch_size in (("drop", False, 3), ("pad", True, 1), ("pad", True, 7)):
         blocks, stats = pack_dataset(ds, tok, 16, tok.sep_token_id, remainder=remainder, with_word_ids=whole_words,
-                                     batch_size=3)
-        words = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(enc["input_ids"]))]
+                                     batch_size=batch_size, num_proc=num_proc)
         expected, expected_stats = pack(enc["input_ids"], 16, tok.sep_token_id, remainder,
                                         words if whole_words else None)
         assert [list(b) for b in blocks["input_ids"]] == expected["input_ids"]
+        assert [list(b) for b in blocks["attention_mask"]] == expected["attention_mask"]
         if whole_words:
             assert [list(b) for b in blocks["word_ids"]] == expected["word_ids"]
         assert stats == expected_stats and stats.documents == 40

@@ -10,8 +10,10 @@ model's ``max_length`` and the tokenizer's full serialisation. Changing any of t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +24,7 @@ from ftjax.paths import cache_home, resolve_path
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when preprocessing code changes what it writes
+CACHE_VERSION = 2  # bump when preprocessing code changes what it writes
 
 
 def cache_root(cache_dir: Optional[str]) -> Path:
@@ -47,9 +49,16 @@ def source_key(config) -> dict:
             "task": config.task, "max_length": config.model.max_length}
 
 
+_TOKENIZER_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def tokenizer_key(tokenizer) -> str:
     """The tokenizer's vocabulary, normaliser, pre-tokenizer and post-processor; not its truncation
-    and padding settings, which every call changes (each map sets its own)."""
+    and padding settings, which every call changes (each map sets its own). Computed once per
+    tokenizer object, which must not change afterwards (a run asks at every map; hashing the
+    vocabulary again each time was most of a cached start)."""
+    if tokenizer in _TOKENIZER_KEYS:
+        return _TOKENIZER_KEYS[tokenizer]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         state = json.loads(backend.to_str())
@@ -57,8 +66,11 @@ def tokenizer_key(tokenizer) -> str:
         state.pop("padding", None)
     else:
         state = sorted(tokenizer.get_vocab().items())
-    return Hasher.hash((type(tokenizer).__name__, state, tokenizer.padding_side, tokenizer.truncation_side,
-                        str(tokenizer.special_tokens_map)))
+    text = json.dumps([type(tokenizer).__name__, state, tokenizer.padding_side, tokenizer.truncation_side,
+                       str(tokenizer.special_tokens_map)])
+    key = hashlib.sha256(text.encode()).hexdigest()
+    _TOKENIZER_KEYS[tokenizer] = key
+    return key
 
 
 def cached_map(ds: datasets.Dataset, function: Callable, *, key: dict, name: str,

@@ -10,9 +10,9 @@ computes real tokens and every block has the same shape (one compile)::
 choose whole words.
 
 ``pack_dataset`` never holds the corpus in memory: documents are tokenized by a (cached) batched
-``datasets.map``, and a second, sequential map (``BlockPacker``) streams them into blocks written
-to Arrow on disk, carrying the unfinished block from one map batch to the next; its result equals
-``pack`` on the whole token stream.
+``datasets.map``; a second map over block numbers (``BlockReader``) reads for each batch of blocks
+only the documents they span and writes the blocks to Arrow on disk. Both maps run over
+``num_proc`` processes, and the result equals ``pack`` on the whole token stream.
 """
 
 from __future__ import annotations
@@ -45,22 +45,24 @@ class PackStats:
 
 
 def tokenize_documents(ds: datasets.Dataset, tokenizer, text_column: str = "text", with_word_ids: bool = False,
-                       map_fn: Optional[Callable] = None) -> datasets.Dataset:
-    """``input_ids`` (and ``word_ids``) of every non-empty document, no special tokens, no truncation.
+                       map_fn: Optional[Callable] = None, num_proc: Optional[int] = None) -> datasets.Dataset:
+    """``input_ids`` (and ``word_ids`` with their count ``num_words``) of every non-empty document, no
+    special tokens, no truncation.
     ``map_fn(ds, function, name, **kwargs)`` runs the map (default ``Dataset.map``; ftjax passes a cached one)."""
     map_fn = map_fn or (lambda data, function, name, **kw: data.map(function, desc=name, **kw))
 
     def encode(batch):
         texts = [str(t) for t in batch[text_column] if str(t or "").strip()]
         if not texts:  # the tokenizer fails on an empty list
-            return {"input_ids": [], **({"word_ids": []} if with_word_ids else {})}
+            return {"input_ids": [], **({"word_ids": [], "num_words": []} if with_word_ids else {})}
         enc = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)
         out = {"input_ids": enc["input_ids"]}
         if with_word_ids:
             out["word_ids"] = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(texts))]
+            out["num_words"] = [max(w, default=-1) + 1 for w in out["word_ids"]]
         return out
 
-    return map_fn(ds, encode, "tokenize", batched=True, remove_columns=ds.column_names)
+    return map_fn(ds, encode, "tokenize", batched=True, remove_columns=ds.column_names, num_proc=num_proc)
 
 
 def pack(input_ids: list[list[int]], block_size: int, separator_id: int, remainder: str = "drop",
@@ -105,61 +107,71 @@ def pack(input_ids: list[list[int]], block_size: int, separator_id: int, remaind
     return columns, stats
 
 
-class BlockPacker:
-    """A stateful batched-map function: documents in, ``block_size`` blocks out. The tail that does
-    not fill a block waits for the next batch; the last batch (it holds row ``num_rows - 1``) also
-    emits the remainder (``pad``) or drops it. Needs the batches in order (``num_proc=None``)."""
+class BlockReader:
+    """A batched-map function over block numbers: each batch reads from the tokenized table only the
+    documents its blocks span, joins them (each followed by the separator) and cuts the blocks out.
+    ``ends`` (cumulative document lengths, separators included) and ``word_offsets`` place every
+    document in the corpus-wide stream, so batches are independent: any order, any ``num_proc``,
+    and the result equals ``pack`` on the whole stream."""
 
-    def __init__(self, block_size: int, separator_id: int, num_rows: int, remainder: str, with_word_ids: bool):
-        self.block_size, self.separator_id, self.num_rows = block_size, separator_id, num_rows
-        self.remainder, self.with_word_ids = remainder, with_word_ids
-        self.ids = np.zeros(0, np.int32)
-        self.words = np.zeros(0, np.int64)
-        self.word_offset = 0
+    def __init__(self, tokenized: datasets.Dataset, ends: np.ndarray, word_offsets: Optional[np.ndarray],
+                 block_size: int, separator_id: int, total: int):
+        self.tokenized, self.ends, self.word_offsets = tokenized, ends, word_offsets
+        self.block_size, self.separator_id, self.total = block_size, separator_id, total
 
-    def __call__(self, batch: dict, indices: list[int]) -> dict:
-        docs = batch["input_ids"]
-        ids = [self.ids] + [np.append(np.asarray(d, np.int32), np.int32(self.separator_id)) for d in docs]
-        self.ids = np.concatenate(ids)
-        if self.with_word_ids:
-            parts = [self.words]
-            for w in batch["word_ids"]:
-                w = np.asarray(w, np.int64)
-                parts.append(np.append(np.where(w >= 0, w + self.word_offset, -1), -1))
-                self.word_offset += int(w.max(initial=-1)) + 1
-            self.words = np.concatenate(parts)
-        last = bool(indices) and indices[-1] == self.num_rows - 1
-        full = len(self.ids) // self.block_size * self.block_size
-        keep = len(self.ids) if last and self.remainder == "pad" else full
-        cuts = range(0, keep, self.block_size)
-        out = {"input_ids": [self.ids[i:i + self.block_size] for i in cuts]}
-        out["attention_mask"] = [np.ones(len(b), np.int8) for b in out["input_ids"]]
-        if self.with_word_ids:
-            out["word_ids"] = [self.words[i:i + self.block_size] for i in cuts]
-            self.words = self.words[full:]
-        self.ids = self.ids[full:]
+    def __call__(self, batch: dict) -> dict:
+        numbers = np.asarray(batch["block"], np.int64)
+        size = self.block_size
+        lo, hi = int(numbers.min()) * size, min((int(numbers.max()) + 1) * size, self.total)
+        first, last = np.searchsorted(self.ends, [lo, hi - 1], side="right")
+        table = self.tokenized.with_format("arrow")[int(first):int(last) + 1]
+        ids = table["input_ids"].combine_chunks()
+        lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        doc = np.repeat(np.arange(len(lengths)), lengths)
+        at = np.arange(len(doc)) + doc  # a token's place in the joined stream (one separator per document)
+        stream = np.full(int(lengths.sum()) + len(lengths), self.separator_id, np.int32)
+        stream[at] = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+        if self.word_offsets is not None:
+            words = pc.list_flatten(table["word_ids"].combine_chunks()).to_numpy(zero_copy_only=False)
+            word_stream = np.full(len(stream), -1, np.int64)
+            word_stream[at] = np.where(words >= 0, words + self.word_offsets[first + doc], -1)
+        base = int(self.ends[first]) - int(lengths[0]) - 1  # where this stream starts in the corpus
+        cuts = [(b * size - base, min((b + 1) * size, self.total) - base) for b in numbers]
+        out = {"input_ids": [stream[s:e] for s, e in cuts]}
+        out["attention_mask"] = [np.ones(e - s, np.int8) for s, e in cuts]
+        if self.word_offsets is not None:
+            out["word_ids"] = [word_stream[s:e] for s, e in cuts]
         return out
 
 
 def pack_dataset(ds: datasets.Dataset, tokenizer, block_size: int, separator_id: int, split: str = "train",
                  text_column: str = "text", remainder: str = "drop", with_word_ids: bool = False,
-                 map_fn: Optional[Callable] = None, batch_size: int = 1000) -> tuple[datasets.Dataset, PackStats]:
-    """Tokenizes and packs one split with Arrow on disk, ``batch_size`` documents at a time; fails
-    with one line when nothing is left to train on. ``map_fn`` as in ``tokenize_documents``."""
+                 map_fn: Optional[Callable] = None, batch_size: int = 1000,
+                 num_proc: Optional[int] = None) -> tuple[datasets.Dataset, PackStats]:
+    """Tokenizes and packs one split with Arrow on disk, ``batch_size`` blocks at a time over
+    ``num_proc`` processes; fails with one line when nothing is left to train on. ``map_fn`` as in
+    ``tokenize_documents``."""
     map_fn = map_fn or (lambda data, function, name, **kw: data.map(function, desc=name, **kw))
-    tokenized = tokenize_documents(ds, tokenizer, text_column, with_word_ids, map_fn)
+    tokenized = tokenize_documents(ds, tokenizer, text_column, with_word_ids, map_fn, num_proc=num_proc)
     if len(tokenized) == 0:
         raise FtjaxError(f"{split} split: the corpus is empty (no non-blank text in column '{text_column}')")
-    total = int(pc.sum(pc.list_value_length(tokenized.with_format("arrow")["input_ids"])).as_py()) + len(tokenized)
+    columns = tokenized.with_format("arrow")  # offsets and the small per-document column only
+    ends = np.cumsum(pc.list_value_length(columns["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64) + 1)
+    word_offsets = None
+    if with_word_ids:
+        counts = columns["num_words"].to_numpy(zero_copy_only=False).astype(np.int64)
+        word_offsets = np.cumsum(counts) - counts
+    total = int(ends[-1])
     keep = total if remainder == "pad" else total // block_size * block_size
     stats = PackStats(documents=len(tokenized), tokens=keep, dropped_tokens=total - keep,
                       blocks=-(-keep // block_size), block_size=block_size)
     if stats.blocks == 0:
         raise FtjaxError(f"{split} split: {stats.dropped_tokens} tokens are fewer than one block of "
                          f"{block_size}; use task_options.remainder=pad or a smaller task_options.block_size")
-    packer = BlockPacker(block_size, separator_id, len(tokenized), remainder, with_word_ids)
-    blocks = map_fn(tokenized, packer, f"pack {block_size}", batched=True, with_indices=True,
-                    remove_columns=tokenized.column_names, batch_size=batch_size, num_proc=None,
+    numbers = datasets.Dataset.from_dict({"block": np.arange(stats.blocks, dtype=np.int64)})
+    reader = BlockReader(tokenized, ends, word_offsets, block_size, separator_id, keep)
+    blocks = map_fn(numbers, reader, f"pack {block_size}", batched=True, remove_columns=["block"],
+                    batch_size=batch_size, num_proc=num_proc,
                     features=datasets.Features({
                         "input_ids": datasets.Sequence(datasets.Value("int32")),
                         "attention_mask": datasets.Sequence(datasets.Value("int8")),

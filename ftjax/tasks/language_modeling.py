@@ -89,7 +89,8 @@ class LanguageModeling(Task):
 
             rows, stats = pack_dataset(
                 ds, tokenizer, self.max_length, self.separator_id(tokenizer), split, d.text_column, o.remainder,
-                with_word_ids=not self.causal and o.whole_word_masking, map_fn=cached)
+                with_word_ids=not self.causal and o.whole_word_masking, map_fn=cached,
+                num_proc=d.preprocessing_num_workers)
             log.info("%s: %d documents -> %d blocks of %d tokens, packing efficiency %.4f", split,
                      stats.documents, stats.blocks, stats.block_size, stats.efficiency)
             out[split] = Split(rows, {"packing": stats.as_dict()})
