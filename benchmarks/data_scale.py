@@ -203,8 +203,10 @@ def main() -> None:
                 kinds["streaming"] = lambda: run(corpus, tmp / "out-stream", tmp / f"cache-stream-{mb:g}",
                                                  streaming=True, **limits)
             tokens = {k: [] for k in kinds}
+            cached_prep = []  # every cached Arrow run's data preparation
             if again is not None:
                 tokens["arrow"].append(again["train_tokens_per_s"])
+                cached_prep.append(again["data_preparation_s"])
             repeats = args.repeats if mb <= args.repeat_max_mb else 1
             for i in range(repeats):  # alternating, so a change of load hits every kind alike
                 for kind, fn in kinds.items():
@@ -216,6 +218,8 @@ def main() -> None:
                         row[kind] = str(e)
                         continue
                     tokens[kind].append(r["train_tokens_per_s"])
+                    if kind == "arrow":
+                        cached_prep.append(r["data_preparation_s"])
                     if i == 0 and kind == "before":
                         row.update(before_peak_rss_mb=r["peak_rss_mb"], before_prep_s=r["data_preparation_s"],
                                    before_first_step_s=r["first_step_s"])
@@ -227,6 +231,10 @@ def main() -> None:
                     row[f"{prefix}train_tokens_per_s"] = statistics.median(values)
                     if len(values) > 1:
                         row[f"{prefix}train_tokens_per_s_spread"] = spread(values)
+            if len(cached_prep) > 1:  # the median cached start against the first run's preparation
+                row.update(cached_prep_s=statistics.median(cached_prep), cached_prep_s_spread=spread(cached_prep))
+            if cached_prep:
+                row["cached_over_first_prep"] = row["cached_prep_s"] / row["prep_s"]
             if "train_tokens_per_s_spread" in row and "before_train_tokens_per_s_spread" in row:
                 pairs = [a / b for a, b in zip(tokens["arrow"], tokens["before"])]
                 row["after_over_before_tokens_per_s"] = spread(pairs)

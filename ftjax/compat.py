@@ -21,8 +21,9 @@ has 0.11.2):
    without weights, what ``ftjax.models.load_model`` does) fails: the PyTorch->Flax converter reads
    ``model.params`` only for the parameter names and shapes, which a ``_do_init=False`` model does
    not have. The converter is given the model's ``params_shape_tree`` instead.
-6. Packed fine-tuning needs attention kept inside each example of a row. The BERT-family
-   self-attention modules (``SEGMENT_MASK_MODULES``) turn the ``[batch, keys]`` padding mask into a
+6. Packed fine-tuning needs attention kept inside each example of a row (and document attention
+   inside each document of an LM block). The self-attention modules of ``SEGMENT_MASK_MODULES``
+   (BERT family, GPT-2, Llama / Mistral / Gemma) turn the ``[batch, keys]`` padding mask into a
    bias with ``jnp.expand_dims(mask, axis=(-3, -2))``, which rejects a ``[batch, queries, keys]``
    mask. Those modules get a ``jnp`` whose ``expand_dims`` also takes such a mask (to ``[batch, 1,
    queries, keys]``, broadcast over heads); a 2-D mask goes the original way, so unpacked models
@@ -82,7 +83,7 @@ def expand_dims(a, axis):
 
 
 class _NumpyWithSegmentMasks(types.ModuleType):
-    """Stands in for ``jax.numpy`` inside a BERT-family module: only ``expand_dims`` differs."""
+    """Stands in for ``jax.numpy`` inside a ``SEGMENT_MASK_MODULES`` module: only ``expand_dims`` differs."""
 
     expand_dims = staticmethod(expand_dims)
 
@@ -97,6 +98,11 @@ SEGMENT_MASK_MODULES = {
     "roberta": "transformers.models.roberta.modeling_flax_roberta",
     "xlm-roberta": "transformers.models.xlm_roberta.modeling_flax_xlm_roberta",
     "electra": "transformers.models.electra.modeling_flax_electra",
+    # decoders: the padding mask joins the causal mask through the same expand_dims
+    "gpt2": "transformers.models.gpt2.modeling_flax_gpt2",
+    "llama": "transformers.models.llama.modeling_flax_llama",
+    "mistral": "transformers.models.mistral.modeling_flax_mistral",
+    "gemma": "transformers.models.gemma.modeling_flax_gemma",
 }
 
 
@@ -147,15 +153,15 @@ def pt_loader_without_init(load):
 
 
 def _patch(module) -> None:
+    if module.__name__ in ROTARY_MODULES:
+        from ftjax.rope import rotary_setup
+        setattr(getattr(module, ROTARY_MODULES[module.__name__]), "setup", rotary_setup)
     if module.__name__ == FLAX_UTILS_MODULE:
         module.load_pytorch_checkpoint_in_flax_state_dict = pt_loader_without_init(
             module.load_pytorch_checkpoint_in_flax_state_dict)
     elif module.__name__ == IMPORT_UTILS_MODULE:
         if not module.is_torch_available():
             module._accelerate_available = False
-    elif module.__name__ in ROTARY_MODULES:
-        from ftjax.rope import rotary_setup
-        setattr(getattr(module, ROTARY_MODULES[module.__name__]), "setup", rotary_setup)
     elif module.__name__ in SEGMENT_MASK_MODULES.values():
         module.jnp = _SEGMENT_JNP
     elif module.__name__ == LOGITS_MODULE:

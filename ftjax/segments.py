@@ -12,8 +12,13 @@ model needs so that every example is computed exactly as if it were alone in its
   example): logits ``[batch, segments, labels]``. Token classification keeps the model's own
   per-token head.
 
-Supported: the families in ``compat.SEGMENT_MASK_MODULES`` (BERT, RoBERTa, XLM-R, ELECTRA);
-``check_segment_support`` rejects any other with one line.
+The same mask and positions keep each document of a packed language-modelling block to itself
+(``task_options.document_attention``; ``document_segments`` finds the documents on the host).
+
+Supported: packed fine-tuning for the encoder families of ``FAMILIES`` (BERT, RoBERTa, XLM-R,
+ELECTRA; ``check_segment_support``), document attention for every family of
+``compat.SEGMENT_MASK_MODULES`` (those and GPT-2, Llama, Mistral, Gemma;
+``check_document_attention``). Any other is rejected with one line.
 """
 
 from __future__ import annotations
@@ -41,29 +46,42 @@ def _cls_head_own(module, cls, deterministic: bool):
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """How a model family takes packed rows."""
+    """How an encoder family takes packed rows of a classification task."""
 
     encoder: str  # attribute of the task module holding the encoder (FlaxBertModule...)
-    first_position: Callable  # model config -> position id of a segment's first token
     cls_head: Callable  # (task module, [n, 1, hidden], deterministic) -> [n, labels]
 
 
 FAMILIES: dict[str, Family] = {
-    "bert": Family("bert", lambda config: 0, _cls_head_bert),
-    "electra": Family("electra", lambda config: 0, _cls_head_own),
-    "roberta": Family("roberta", lambda config: config.pad_token_id + 1, _cls_head_own),
-    "xlm-roberta": Family("roberta", lambda config: config.pad_token_id + 1, _cls_head_own),
+    "bert": Family("bert", _cls_head_bert),
+    "electra": Family("electra", _cls_head_own),
+    "roberta": Family("roberta", _cls_head_own),
+    "xlm-roberta": Family("roberta", _cls_head_own),
 }
-assert set(FAMILIES) == set(compat.SEGMENT_MASK_MODULES)
+assert set(FAMILIES) <= set(compat.SEGMENT_MASK_MODULES)
+
+
+def first_position(model_config) -> int:
+    """Position id of a segment's first token: RoBERTa / XLM-R number from ``pad_token_id + 1``."""
+    return model_config.pad_token_id + 1 if model_config.model_type in ("roberta", "xlm-roberta") else 0
+
+
+def _check(model_config, supported, setting: str) -> None:
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in supported:
+        raise FtjaxError(f"{setting}: {model_type} models do not support it (supported: "
+                         f"{', '.join(sorted(supported))}); set {setting}=false")
+    compat.install()
 
 
 def check_segment_support(model_config) -> None:
-    """FtjaxError unless packed rows can go through this model family."""
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise FtjaxError(f"data.packing: {model_type} models do not support packed rows (supported: "
-                         f"{', '.join(sorted(FAMILIES))}); set data.packing=false")
-    compat.install()
+    """FtjaxError unless packed rows of a classification task can go through this model family."""
+    _check(model_config, FAMILIES, "data.packing")
+
+
+def check_document_attention(model_config) -> None:
+    """FtjaxError unless this family takes the segment mask (LM document attention)."""
+    _check(model_config, compat.SEGMENT_MASK_MODULES, "task_options.document_attention")
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -74,10 +92,9 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 def segment_inputs(model_config, batch: dict) -> dict:
     """The model inputs of a packed batch: ids, block-diagonal mask, restarted positions."""
-    check_segment_support(model_config)
-    first_position = FAMILIES[model_config.model_type].first_position(model_config)
+    compat.install()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": segment_mask(batch["segment_ids"]),
-              "position_ids": batch["position_ids"] + first_position}
+              "position_ids": batch["position_ids"] + first_position(model_config)}
     if "token_type_ids" in batch:
         inputs["token_type_ids"] = batch["token_type_ids"]
     return inputs

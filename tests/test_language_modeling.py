@@ -18,6 +18,7 @@ from ftjax.data.packing import pack
 from ftjax.errors import FtjaxError
 from ftjax.lm_inference import fill_mask, generate_text
 from ftjax.paths import resolve_path
+from ftjax.tasks import get_task
 from ftjax.trainer import Trainer
 
 LEE = "pkg://gensim/test/test_data/lee_background.cor"
@@ -291,3 +292,86 @@ def test_tokenized_splits_are_cached_and_reused(tiny_model, tmp_path, caplog):
     assert again.splits["train"].meta["packing"]["blocks"] == len(again.splits["train"].rows)
     Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "c", **over, **{"task_options.block_size": 16})))
     assert len(list(cache.glob("mlm-pack*.arrow"))) == 2 * len([n for n in files if n.startswith("mlm-pack")])
+
+
+def test_packing_over_two_processes_is_cached_and_equals_one_process(tiny_model, tmp_path, caplog):
+    """data.preprocessing_num_workers=2: tokenization and packing write one Arrow file per process,
+    a second run reuses them (and says so), and the blocks equal a one-process run's."""
+    import logging
+    one = Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "one", **{
+        "data.cache_dir": str(tmp_path / "cache1"), "training.max_steps": 1})))
+    over = {"data.cache_dir": str(tmp_path / "cache2"), "training.max_steps": 1, "data.preprocessing_num_workers": 2}
+    two = Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "a", **over)))
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache2").glob("*.arrow")}
+    assert any("_00001_of_00002" in n for n in files if n.startswith("mlm-pack-32-train"))
+    with caplog.at_level(logging.INFO, logger="ftjax"):
+        Trainer(load_config(None, lm_overrides(tiny_model, tmp_path / "b", **over)))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache2").glob("*.arrow")} == files
+    assert sum("reusing the cached result" in r.message for r in caplog.records) == 6  # 3 splits x 2 maps
+    for split in ("train", "validation"):
+        assert two.splits[split].rows["input_ids"] == one.splits[split].rows["input_ids"]
+        assert two.splits[split].meta == one.splits[split].meta
+
+
+# ---------------------------------------------------------------- document attention
+
+DOCUMENT_MODELS = {  # family: (config, Flax LM class, task)
+    "bert": (transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64), "FlaxBertForMaskedLM", "mlm"),
+    "roberta": (transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                           intermediate_size=64, max_position_embeddings=64, pad_token_id=1),
+                "FlaxRobertaForMaskedLM", "mlm"),
+    "gpt2": (transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64),
+             "FlaxGPT2LMHeadModel", "clm"),
+    "llama": (transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+              "FlaxLlamaForCausalLM", "clm"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DOCUMENT_MODELS))
+def test_document_attention_computes_each_document_as_if_alone(family):
+    """task_options.document_attention: in a packed block, every document's logits equal the model's
+    on that document alone (its separator included); without it the later documents see the earlier."""
+    import jax
+    from ftjax import compat
+    from ftjax.segments import check_document_attention
+    compat.install()
+    config, cls, task_name = DOCUMENT_MODELS[family]
+    check_document_attention(config)
+    model = getattr(transformers, cls)(config, _do_init=False)
+    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), (1, 8))
+    sep, rng = 3, np.random.default_rng(0)
+    docs = [np.append(rng.integers(5, 100, n), sep) for n in (5, 6, 4)]
+    ids, mask = np.zeros((1, 20), np.int32), np.zeros((1, 20), np.int32)
+    ids[0, :18], mask[0, :18] = np.concatenate(docs), 1  # two padding tokens at the end
+    task = get_task(load_config(None, [f"task={task_name}", "task_options.document_attention=true"]))
+    task.separator = sep
+    batch = task.with_documents({"input_ids": ids, "attention_mask": mask})
+    assert batch["segment_ids"].tolist() == [[1] * 6 + [2] * 7 + [3] * 5 + [0, 0]]
+    assert batch["position_ids"][0, :18].tolist() == list(range(6)) + list(range(7)) + list(range(5))
+    logits = np.asarray(task.logits(model, params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, None, False))
+    start = 0
+    for doc in docs:
+        alone = np.asarray(model(doc[None], attention_mask=np.ones((1, len(doc)), np.int32), params=params).logits)
+        np.testing.assert_allclose(logits[0, start:start + len(doc)], alone[0], atol=2e-5)
+        start += len(doc)
+    across = np.asarray(model(ids, attention_mask=mask, params=params).logits)
+    assert not np.allclose(across[0, 6:18], logits[0, 6:18], atol=1e-3)
+
+
+def test_document_attention_trains_from_the_cli_and_refuses_other_families(tiny_model, tmp_path):
+    from ftjax.segments import check_document_attention
+    runs, config = {}, tmp_path / "mlm.yaml"
+    config.write_text("task: mlm\n")
+    for on in ("false", "true"):
+        out = tmp_path / on
+        assert cli_main(["train", str(config), *lm_overrides(tiny_model, out, **{
+            "task_options.document_attention": on, "training.max_steps": 4, "training.eval_strategy": "steps",
+            "training.eval_steps": 4, "data.max_eval_samples": 20})]) == 0
+        runs[on] = json.loads((out / "results.json").read_text())
+        assert json.loads((out / "config.json").read_text())["task_options"]["document_attention"] == (on == "true")
+    loss = {on: r["validation"]["loss"] for on, r in runs.items()}
+    assert np.isfinite(loss["true"]) and loss["true"] != pytest.approx(loss["false"], rel=1e-6)
+    with pytest.raises(FtjaxError, match="task_options.document_attention: distilbert models do not support it"):
+        check_document_attention(transformers.DistilBertConfig())

@@ -130,7 +130,7 @@ def test_best_fit_bins_fill_and_oversized_example():
 
 
 def test_unsupported_family_and_regression_fail_with_one_line():
-    with pytest.raises(FtjaxError, match="distilbert models do not support packed rows"):
+    with pytest.raises(FtjaxError, match="data.packing: distilbert models do not support it"):
         check_segment_support(transformers.DistilBertConfig())
     ds = datasets.Dataset.from_dict({"input_ids": [[2, 3], [2, 4, 5]], "labels": [0.5, 1.5]})
     with pytest.raises(FtjaxError, match="regression targets are not supported"):

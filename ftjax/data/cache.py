@@ -84,7 +84,9 @@ def cached_map(ds: datasets.Dataset, function: Callable, *, key: dict, name: str
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{name}-{fingerprint}.arrow"
-    if path.exists():
+    procs = min(map_kwargs.get("num_proc") or 1, max(len(ds), 1))  # datasets writes a file per process
+    files = [path] if procs == 1 else [root / f"{path.stem}_{i:05d}_of_{procs:05d}.arrow" for i in range(procs)]
+    if all(f.exists() for f in files):
         log.info("%s: reusing the cached result %s", name, path)
     return ds.map(function, new_fingerprint=fingerprint, cache_file_name=str(path), load_from_cache_file=True,
                   **map_kwargs)

@@ -177,3 +177,16 @@ def pack_dataset(ds: datasets.Dataset, tokenizer, block_size: int, separator_id:
                         "attention_mask": datasets.Sequence(datasets.Value("int8")),
                         **({"word_ids": datasets.Sequence(datasets.Value("int64"))} if with_word_ids else {})}))
     return blocks, stats
+
+
+def document_segments(input_ids: np.ndarray, attention_mask: np.ndarray, separator_id: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``segment_ids`` (1, 2, ... per document of each packed block, 0 on padding) and
+    ``position_ids`` restarting at 0 with each document, ``[batch, block]``. A document ends with
+    its separator; a block's first tokens continue a document begun in the block before."""
+    begins = np.ones(input_ids.shape, bool)
+    begins[:, 1:] = input_ids[:, :-1] == separator_id
+    segments = np.cumsum(begins, axis=1, dtype=np.int32) * (attention_mask > 0)
+    at = np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int32), input_ids.shape)
+    starts = np.maximum.accumulate(np.where(begins, at, 0), axis=1)
+    return segments.astype(np.int32), (at - starts).astype(np.int32)

@@ -21,8 +21,9 @@ import numpy as np
 import optax
 
 from ftjax.data.masking import mask_batch
-from ftjax.data.packing import pack_dataset
+from ftjax.data.packing import document_segments, pack_dataset
 from ftjax.errors import FtjaxError
+from ftjax.segments import check_document_attention, packed_token_logits
 from ftjax.tasks.base import Split, Task, model_output, register, require_columns, tokenize_split
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class LanguageModelingOptions:
     remainder: Literal["drop", "pad"] = "drop"  # the last, shorter block of a split
     mlm_probability: float = 0.15  # mlm: share of tokens (or words) predicted
     whole_word_masking: bool = False  # mlm: mask every subword of a chosen word
+    # Attention kept within each document of a block (block-diagonal mask, positions restarting per
+    # document; ftjax.segments) instead of across the separators. BERT family, GPT-2, Llama, Mistral, Gemma.
+    document_attention: bool = False
 
 
 class LanguageModeling(Task):
@@ -74,6 +78,8 @@ class LanguageModeling(Task):
         if not self.config.model.from_scratch and len(tokenizer) > conf.vocab_size:
             raise FtjaxError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                              f"{conf.vocab_size}; use the model's own tokenizer")
+        if self.options.document_attention:
+            check_document_attention(conf)
 
     def check(self, splits: datasets.DatasetDict) -> None:
         for split, ds in splits.items():
@@ -108,16 +114,29 @@ class LanguageModeling(Task):
         raise FtjaxError(f"task {self.name} predicts by {'generation' if self.causal else 'fill-mask'} only")
 
     # ---- device ----------------------------------------------------------------------------
+    def with_documents(self, batch: dict) -> dict:
+        """Host: ``segment_ids`` / ``position_ids`` of each block's documents (document attention)."""
+        if not self.options.document_attention:
+            return dict(batch)
+        mask = batch.get("attention_mask", np.ones_like(batch["input_ids"]))
+        segments, positions = document_segments(batch["input_ids"], mask, self.separator)
+        return {**batch, "segment_ids": segments, "position_ids": positions}
+
     def token_terms(self, logits, batch):
         """Per-token cross-entropy, weights (1 where a token is predicted), targets and logits, ``[B, T]``."""
         raise NotImplementedError
 
+    def logits(self, model, params, batch, rng, train):
+        if "segment_ids" in batch:  # document attention: each document attends to itself only
+            return packed_token_logits(model, params, batch, rng, train)
+        return model_output(model, params, batch, rng, train).logits
+
     def loss(self, model, params, batch, rng, train):
-        ce, w, _, _ = self.token_terms(model_output(model, params, batch, rng, train).logits, batch)
+        ce, w, _, _ = self.token_terms(self.logits(model, params, batch, rng, train), batch)
         return (ce * w).sum(), w.sum()
 
     def outputs(self, model, params, batch):
-        ce, w, targets, scores = self.token_terms(model_output(model, params, batch, None, False).logits, batch)
+        ce, w, targets, scores = self.token_terms(self.logits(model, params, batch, None, False), batch)
         correct = (scores.argmax(-1) == targets) * w
         return {"index": batch["index"], "weight": batch["weight"], "loss_sum": (ce * w).sum(-1),
                 "loss_weight": w.sum(-1), "correct": correct.sum(-1)}
@@ -160,11 +179,12 @@ class MaskedLM(LanguageModeling):
         self.vocab_size = len(tokenizer)
         self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), np.int32)
         self.mask_id = tokenizer.mask_token_id
+        self.separator = self.separator_id(tokenizer) if self.options.document_attention else None
         return tokenizer
 
     def host_transform(self, batch, epoch, train):
         o = self.options
-        return mask_batch(batch, seed=self.config.data_seed, epoch=epoch, train=train,
+        return mask_batch(self.with_documents(batch), seed=self.config.data_seed, epoch=epoch, train=train,
                           probability=o.mlm_probability, mask_id=self.mask_id, vocab_size=self.vocab_size,
                           special_ids=self.special_ids, whole_word=o.whole_word_masking)
 
@@ -191,10 +211,11 @@ class CausalLM(LanguageModeling):
     def adapt_tokenizer(self, tokenizer):
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; padding is masked anyway
+        self.separator = self.separator_id(tokenizer) if self.options.document_attention else None
         return tokenizer
 
     def host_transform(self, batch, epoch, train):
-        batch = dict(batch)
+        batch = self.with_documents(batch)
         batch.pop("word_ids", None)
         return batch
 
