@@ -60,14 +60,16 @@ def tokenizer_key(tokenizer) -> str:
     if tokenizer in _TOKENIZER_KEYS:
         return _TOKENIZER_KEYS[tokenizer]
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
+    if backend is not None:  # a copy without truncation / padding, serialised by the tokenizers library
+        from tokenizers import Tokenizer
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        state = copy.to_str()
     else:
-        state = sorted(tokenizer.get_vocab().items())
-    text = json.dumps([type(tokenizer).__name__, state, tokenizer.padding_side, tokenizer.truncation_side,
-                       str(tokenizer.special_tokens_map)])
+        state = json.dumps(sorted(tokenizer.get_vocab().items()))
+    text = "\n".join([type(tokenizer).__name__, state, tokenizer.padding_side, tokenizer.truncation_side,
+                      str(tokenizer.special_tokens_map)])
     key = hashlib.sha256(text.encode()).hexdigest()
     _TOKENIZER_KEYS[tokenizer] = key
     return key
