@@ -375,3 +375,18 @@ def test_document_attention_trains_from_the_cli_and_refuses_other_families(tiny_
     assert np.isfinite(loss["true"]) and loss["true"] != pytest.approx(loss["false"], rel=1e-6)
     with pytest.raises(FtjaxError, match="task_options.document_attention: distilbert models do not support it"):
         check_document_attention(transformers.DistilBertConfig())
+
+
+def test_tokenizer_cache_key_ignores_call_settings_and_tells_tokenizers_apart():
+    """The key of the tokenize-once cache: unchanged by the truncation / padding a call sets, different
+    for another vocabulary, computed once per tokenizer object."""
+    from ftjax.data.cache import tokenizer_key
+    load = lambda: transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))  # noqa: E731
+    first, second = load(), load()
+    key = tokenizer_key(first)
+    second(["a few words"] * 2, truncation=True, max_length=4, padding="max_length")
+    assert tokenizer_key(second) == key
+    third = load()
+    third.add_tokens(["brandnewtoken"])
+    assert tokenizer_key(third) != key
+    assert tokenizer_key(first) is key  # remembered, not recomputed
