@@ -5,6 +5,8 @@ blocks (ftjax.data.packing). MLM masks on the host (ftjax.data.masking, via ``ho
 a pure function of (seed, epoch, example), so resumed runs mask identically; CLM shifts labels by
 one inside the loss. Metrics: loss, perplexity and top-1 accuracy on the predicted tokens (masked
 tokens for MLM, next tokens for CLM). ``ftjax predict`` runs fill-mask (mlm) or generation (clm).
+With ``task_options.document_attention`` each document of a block attends only to itself
+(``with_documents`` on the host, ``ftjax.segments`` on the device).
 """
 
 from __future__ import annotations
