@@ -116,6 +116,11 @@ class LanguageModeling(Task):
         raise FtjaxError(f"task {self.name} predicts by {'generation' if self.causal else 'fill-mask'} only")
 
     # ---- device ----------------------------------------------------------------------------
+    def adapt_tokenizer(self, tokenizer):
+        """Remembers the separator that ends each document (document attention needs it)."""
+        self.separator = self.separator_id(tokenizer) if self.options.document_attention else None
+        return tokenizer
+
     def with_documents(self, batch: dict) -> dict:
         """Host: ``segment_ids`` / ``position_ids`` of each block's documents (document attention)."""
         if not self.options.document_attention:
@@ -181,8 +186,7 @@ class MaskedLM(LanguageModeling):
         self.vocab_size = len(tokenizer)
         self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), np.int32)
         self.mask_id = tokenizer.mask_token_id
-        self.separator = self.separator_id(tokenizer) if self.options.document_attention else None
-        return tokenizer
+        return super().adapt_tokenizer(tokenizer)
 
     def host_transform(self, batch, epoch, train):
         o = self.options
@@ -213,8 +217,7 @@ class CausalLM(LanguageModeling):
     def adapt_tokenizer(self, tokenizer):
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; padding is masked anyway
-        self.separator = self.separator_id(tokenizer) if self.options.document_attention else None
-        return tokenizer
+        return super().adapt_tokenizer(tokenizer)
 
     def host_transform(self, batch, epoch, train):
         batch = self.with_documents(batch)
