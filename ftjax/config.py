@@ -69,6 +69,10 @@ class ModelConfig:
     # model type such as gpt2 / bert / llama) with these overrides, sized to the tokenizer's vocab.
     from_scratch: bool = False
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A plain flax.linen / flax.nnx model instead of a transformers class: "package.module:factory"
+    # (ftjax/flax_module.py; config_overrides are its keyword arguments, name_or_path the tokenizer's
+    # folder or an export of such a model, whose weights are then loaded).
+    flax_module: Optional[str] = None
     # A new task head (classification / NER / QA...): Flax's default init (lecun-normal), or PyTorch
     # transformers' normal(0, config.initializer_range) with zero biases (README: "Head initialisation").
     head_init: Literal["flax_default", "initializer_range"] = "flax_default"
@@ -474,3 +478,6 @@ def validate(config: Config) -> None:
             re.compile(pattern)
         except re.error as e:
             raise FtjaxError(f"config key 'mesh.rules': rule {i} regex {pattern!r} does not compile: {e}") from None
+    if m.flax_module is not None and config.task == "seq2seq":
+        raise FtjaxError("model.flax_module works for the tasks classification, ner, qa, mlm and clm; seq2seq "
+                         "needs a transformers encoder-decoder (its decoding and generation)")

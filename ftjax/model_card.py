@@ -124,10 +124,12 @@ def render(record: dict, results: dict, environment: dict, sizes: dict[str, int]
                              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_examples"})
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag=PIPELINE_TAGS.get(task), tags=["ftjax", "jax", "flax", task],
-        base_model=base if _is_hub_name(base) and not model.get("from_scratch") else None,
+        base_model=base if _is_hub_name(base) and not (model.get("from_scratch") or model.get("flax_module")) else None,
         datasets=[data["dataset_name"]] if data.get("dataset_name") else None, metrics=scalar_metrics or None)
     name = Path(training["output_dir"]).name
     origin = "trained from scratch (random initialisation)" if model.get("from_scratch") else f"fine-tuned from `{base}`"
+    if model.get("flax_module"):  # its own Flax model: name_or_path gave the tokenizer (or an earlier export)
+        origin = f"the Flax model `{model['flax_module']}`, trained"
     env = environment
     lines = [
         "---", card_data.to_yaml(), "---", "",

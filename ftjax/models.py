@@ -36,6 +36,7 @@ from ftjax import compat, remat
 from ftjax.compat import flax_transformers  # noqa: F401  (re-exported)
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
+from ftjax.flax_module import is_module_export, load_module_model
 from ftjax.paths import hub_offline, resolve_path
 from ftjax.rope import check_rope_scaling
 from ftjax.runtime import transformers_without_torch
@@ -147,6 +148,8 @@ def max_positions(conf) -> Optional[int]:
 def check_max_length(cfg: ModelConfig) -> None:
     """``model.max_length`` within the model's position embeddings, read from its config before any
     data or weights are touched (past them the embeddings index out of range: NaN scores)."""
+    if uses_flax_module(cfg):  # its own model: ftjax does not know its positions
+        return
     limit = max_positions(model_config(cfg))
     if limit is not None and cfg.max_length > limit:
         raise FtjaxError(f"model.max_length={cfg.max_length} is more than the {limit} positions of model "
@@ -194,6 +197,19 @@ def load_model(auto_class: str, cfg: ModelConfig, bf16: bool = False, read_weigh
         raise FtjaxError(f"cannot read the weights in '{name}' ({e}): the safetensors file is truncated or "
                          "corrupt; copy or download it again") from None
     return detach_params(loaded) if whole else loaded
+
+
+def uses_flax_module(cfg: ModelConfig) -> bool:
+    """A plain linen / nnx model (``model.flax_module``, or an export of one) instead of a transformers class."""
+    return cfg.flax_module is not None or is_module_export(resolve_path(cfg.name_or_path))
+
+
+def load_flax_module(cfg: ModelConfig, bf16: bool, vocab_size: int, seed: int = 0, num_labels: Optional[int] = None,
+                     id2label: Optional[dict] = None, **unused):
+    """``(model, weights)`` like ``load_model``, for ``model.flax_module`` (``ftjax.flax_module``):
+    weights from an export of such a model, None otherwise (a fresh init, sharded from birth)."""
+    return load_module_model(cfg.flax_module, resolve_path(cfg.name_or_path), dict(cfg.config_overrides), vocab_size,
+                             compute_dtype(cfg, bf16), seed, num_labels, id2label)
 
 
 def load_encoder_decoder(name: str, from_pt: bool, cfg: ModelConfig, bf16: bool = False):
@@ -297,6 +313,9 @@ def gradient_checkpointing(model, policy: Optional[str] = None) -> Callable[[], 
     (``enable_gradient_checkpointing``: BERT, RoBERTa, XLM-R, ELECTRA, BigBird, T5, LongT5, Whisper) is
     turned on when the class has it; otherwise, and with a policy (transformers' switch takes
     none), ``ftjax.remat.remat_layers`` wraps every layer with ``jax.checkpoint_policies.<policy>``."""
+    if getattr(model, "is_nnx", False):  # the interceptor below is linen's
+        raise FtjaxError("training.gradient_checkpointing: a flax.nnx model rematerialises its own layers; "
+                         "wrap them in nnx.remat in the model")
     if policy is None:
         try:
             model.enable_gradient_checkpointing()

@@ -41,7 +41,7 @@ from ftjax.errors import FtjaxError
 from ftjax.flops import FlopCounter, optimizer_flops, peak_tflops
 from ftjax.lora import Adaptation, export_peft
 from ftjax.models import (abstract_params, attach_params, check_max_length, gradient_checkpointing, load_tokenizer,
-                          locate, place_params)
+                          locate, place_params, uses_flax_module)
 from ftjax.optim import make_optimizer
 from ftjax.reporting import RunLogger, truncate_log
 from ftjax.resume import plan_resume, restore_newest_intact, signature
@@ -106,7 +106,7 @@ class Trainer:
         model_cfg = config.model
         if model_path:  # a trained model: its weights, not a fresh init
             model_cfg = dataclasses.replace(model_cfg, name_or_path=model_path, from_scratch=False)
-        if not model_cfg.from_scratch:
+        if not (model_cfg.from_scratch or uses_flax_module(model_cfg)):
             locate(model_cfg.name_or_path)  # fail on a bad model path before any data work
         if self.task.max_length == model_cfg.max_length:  # (an LM block_size is checked by the LM task)
             check_max_length(model_cfg)
@@ -603,7 +603,7 @@ class Trainer:
                 lora = self.config.model.lora
                 export_peft(self.adaptation, adapter, self.output_dir / "export" / "adapter", self.task.auto_class,
                             self.config.model.name_or_path, lora.alpha, lora.dropout)
-            if self.args.export_pytorch:
+            if self.args.export_pytorch and not uses_flax_module(self.config.model):  # (no PyTorch class for it)
                 results["train"]["pytorch_export"] = export_pytorch(self.output_dir / "export", self.task.auto_class)
             self.logger.plot(self.output_dir / "loss.png")
             self._write_model_card(results)

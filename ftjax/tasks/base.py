@@ -132,8 +132,11 @@ class Task:
     def load_model(self, model_config, bf16: bool, tokenizer, **kwargs):
         """``(model, weights)``: the Flax model without weights and its checkpoint's parameters as
         host arrays, or None (default: ``auto_class`` from ``model_config.name_or_path``, see
-        ``ftjax.models.load_model``). The trainer places them on the mesh, shard by shard."""
-        from ftjax.models import load_model
+        ``ftjax.models.load_model``; a ``model.flax_module`` model is built by its factory). The
+        trainer places them on the mesh, shard by shard."""
+        from ftjax.models import load_flax_module, load_model, uses_flax_module
+        if uses_flax_module(model_config):
+            return load_flax_module(model_config, bf16, len(tokenizer), **kwargs)
         return load_model(self.auto_class, model_config, bf16, **kwargs)
 
     def length_groups(self) -> tuple:

@@ -71,7 +71,12 @@ class LanguageModeling(Task):
     # ---- host: data ------------------------------------------------------------------------
     def check_model(self, tokenizer) -> None:
         """block_size within the model's positions; token ids within its vocabulary."""
-        from ftjax.models import model_config
+        from ftjax.models import model_config, uses_flax_module
+        if uses_flax_module(self.config.model):  # its own model, sized to the tokenizer
+            if self.options.document_attention:
+                raise FtjaxError("task_options.document_attention needs a transformers model; "
+                                 "a model.flax_module model gets its own masks")
+            return
         conf = model_config(self.config.model)
         positions = getattr(conf, "max_position_embeddings", None)
         if positions and self.max_length > positions:
