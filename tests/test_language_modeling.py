@@ -390,3 +390,65 @@ def test_tokenizer_cache_key_ignores_call_settings_and_tells_tokenizers_apart():
     third.add_tokens(["brandnewtoken"])
     assert tokenizer_key(third) != key
     assert tokenizer_key(first) is key  # remembered, not recomputed
+
+
+# ---------------------------------------------------------------- MLM head at the masked positions only
+
+MASKED_HEAD_MODELS = {
+    "bert": DOCUMENT_MODELS["bert"][:2],
+    "roberta": DOCUMENT_MODELS["roberta"][:2],
+    "distilbert": (transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                                                 max_position_embeddings=64), "FlaxDistilBertForMaskedLM"),
+}
+
+
+@pytest.mark.parametrize("family,documents", [("bert", False), ("bert", True), ("roberta", False), ("roberta", True),
+                                              ("distilbert", False)])  # (DistilBERT has no document attention)
+def test_mlm_head_at_masked_positions_gives_the_full_heads_loss_and_gradients(family, documents):
+    """task_options.predict_masked_only (the default): the same loss, gradients and eval outputs as the
+    head over every token, with the head computed on [B, K] positions (K < L) for BERT / RoBERTa and the
+    full logits read at those positions for other families (DistilBERT)."""
+    import jax
+    from ftjax import compat, mlm_head
+    compat.install()
+    config, cls = MASKED_HEAD_MODELS[family]
+    model = getattr(transformers, cls)(config, _do_init=False)
+    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), (1, 8))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, 100, (4, 48)).astype(np.int32)
+    ids[:, 15], ids[:, 31] = 3, 3  # separators: three documents per block
+    mask = np.ones_like(ids)
+    ids[3, 40:], mask[3, 40:] = 1, 0  # padding at the end of one row
+    batches = {}
+    for only in (False, True):
+        task = get_task(load_config(None, ["task=mlm", f"task_options.predict_masked_only={str(only).lower()}",
+                                           f"task_options.document_attention={str(documents).lower()}"]))
+        task.separator, task.mask_id, task.vocab_size = 3, 4, 100
+        task.special_ids = np.asarray([0, 1, 2, 3, 4], np.int32)
+        raw = {"input_ids": ids, "attention_mask": mask, "index": np.arange(4), "weight": np.ones(4, np.float32)}
+        batches[only] = (task, {k: jax.numpy.asarray(v) for k, v in task.host_transform(raw, 0, True).items()})
+    full_task, full = batches[False]
+    task, sparse = batches[True]
+    assert sparse["masked_positions"].shape[1] == mlm_head.capacity(48, 0.15) < 48
+    assert int((sparse["labels"] >= 0).sum()) == int((full["labels"] >= 0).sum()) > 0  # no label dropped
+
+    def loss(t, batch):
+        return lambda p: (lambda s: s[0] / s[1])(t.loss(model, p, batch, jax.random.PRNGKey(2), True))
+
+    (l_full, g_full), (l_sparse, g_sparse) = (jax.value_and_grad(loss(full_task, full))(params),
+                                              jax.value_and_grad(loss(task, sparse))(params))
+    np.testing.assert_allclose(l_sparse, l_full, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_sparse), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    out_full, out_sparse = full_task.outputs(model, params, full), task.outputs(model, params, sparse)
+    for key in ("loss_sum", "loss_weight", "correct"):
+        np.testing.assert_allclose(out_sparse[key], out_full[key], rtol=1e-5)
+
+
+def test_mlm_capacity_grows_for_a_batch_with_more_masked_tokens():
+    from ftjax import mlm_head
+    labels = np.full((2, 64), -100, np.int32)
+    labels[1, :40] = 7  # far above the capacity for 15%
+    out = mlm_head.gather_masked({"labels": labels}, 0.15)
+    assert mlm_head.capacity(64, 0.15) < 40 and out["masked_positions"].shape == (2, 40) and (out["labels"][1] == 7).all()
+    assert out["masked_positions"][1].tolist() == list(range(40)) and (out["labels"][0] == -100).all()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ftjax import mlm_head
 from ftjax.data.masking import mask_batch
 from ftjax.data.packing import document_segments, pack_dataset
 from ftjax.errors import FtjaxError
@@ -40,6 +41,9 @@ class LanguageModelingOptions:
     # Attention kept within each document of a block (block-diagonal mask, positions restarting per
     # document; ftjax.segments) instead of across the separators. BERT family, GPT-2, Llama, Mistral, Gemma.
     document_attention: bool = False
+    # mlm: the LM head computes logits at the masked positions only (ftjax.mlm_head): the same loss
+    # and gradients for much less work. false: logits for every token, as transformers computes them.
+    predict_masked_only: bool = True
 
 
 class LanguageModeling(Task):
@@ -139,9 +143,17 @@ class LanguageModeling(Task):
         raise NotImplementedError
 
     def logits(self, model, params, batch, rng, train):
+        """``[B, L, vocab]``, or ``[B, K, vocab]`` at ``batch["masked_positions"]`` (MLM)."""
+        positions = batch.get("masked_positions")
+        if positions is not None and model.config.model_type in mlm_head.SUPPORTED:
+            return mlm_head.masked_logits(model, params, batch, rng, train)
         if "segment_ids" in batch:  # document attention: each document attends to itself only
-            return packed_token_logits(model, params, batch, rng, train)
-        return model_output(model, params, batch, rng, train).logits
+            logits = packed_token_logits(model, params, batch, rng, train)
+        else:
+            logits = model_output(model, params, batch, rng, train).logits
+        if positions is not None:  # another family: the full logits, read at the same positions
+            logits = jnp.take_along_axis(logits, positions[:, :, None], axis=1)
+        return logits
 
     def loss(self, model, params, batch, rng, train):
         ce, w, _, _ = self.token_terms(self.logits(model, params, batch, rng, train), batch)
@@ -195,9 +207,10 @@ class MaskedLM(LanguageModeling):
 
     def host_transform(self, batch, epoch, train):
         o = self.options
-        return mask_batch(self.with_documents(batch), seed=self.config.data_seed, epoch=epoch, train=train,
-                          probability=o.mlm_probability, mask_id=self.mask_id, vocab_size=self.vocab_size,
-                          special_ids=self.special_ids, whole_word=o.whole_word_masking)
+        batch = mask_batch(self.with_documents(batch), seed=self.config.data_seed, epoch=epoch, train=train,
+                           probability=o.mlm_probability, mask_id=self.mask_id, vocab_size=self.vocab_size,
+                           special_ids=self.special_ids, whole_word=o.whole_word_masking)
+        return mlm_head.gather_masked(batch, o.mlm_probability) if o.predict_masked_only else batch
 
     def token_terms(self, logits, batch):
         labels = batch["labels"]
