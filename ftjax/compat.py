@@ -28,6 +28,11 @@ has 0.11.2):
    mask. Those modules get a ``jnp`` whose ``expand_dims`` also takes such a mask (to ``[batch, 1,
    queries, keys]``, broadcast over heads); a 2-D mask goes the original way, so unpacked models
    compute exactly what they did. ``ftjax.segments`` builds the mask from segment ids.
+7. Flax Llama / Mistral have no weight tying: with ``tie_word_embeddings`` (SmolLM2, Llama 3.2 1B...)
+   they still create and train an ``lm_head`` of their own, a separate copy of the embedding (28M
+   more parameters for SmolLM2-135M) that PyTorch ties to it. Their causal-LM ``__call__`` then
+   computes the logits with the embedding matrix, as Flax GPT-2 / Gemma do, so the model has no
+   ``lm_head`` parameter and trains what PyTorch trains; an untied config runs the original code.
 
 Nothing happens at import: ``install()`` applies the shims, at once to modules already imported and
 to the others when they are imported (an import hook). Code that builds a transformers Flax model
@@ -156,6 +161,9 @@ def _patch(module) -> None:
     if module.__name__ in ROTARY_MODULES:
         from ftjax.rope import rotary_setup
         setattr(getattr(module, ROTARY_MODULES[module.__name__]), "setup", rotary_setup)
+    if module.__name__ in TIED_HEAD_MODULES:
+        cls = getattr(module, TIED_HEAD_MODULES[module.__name__])
+        cls.__call__ = tied_causal_lm_call(cls.__call__)
     if module.__name__ == FLAX_UTILS_MODULE:
         module.load_pytorch_checkpoint_in_flax_state_dict = pt_loader_without_init(
             module.load_pytorch_checkpoint_in_flax_state_dict)
@@ -168,6 +176,32 @@ def _patch(module) -> None:
         module.FlaxNoRepeatNGramLogitsProcessor.__call__ = no_repeat_ngram_call
     elif needs_clip_shim() and getattr(module, "jnp", None) is jnp:
         module.jnp = _JNP
+
+
+def tied_causal_lm_call(original):
+    """A Llama / Mistral causal-LM ``__call__`` that ties the output layer to the input embedding
+    when the config says so (shim 7)."""
+    if getattr(original, "ftjax_shim", False):
+        return original
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
+                 init_cache: bool = False, output_attentions: bool = False, output_hidden_states: bool = False,
+                 return_dict: bool = True):
+        if not self.config.tie_word_embeddings:
+            return original(self, input_ids, attention_mask, position_ids, deterministic, init_cache,
+                            output_attentions, output_hidden_states, return_dict)
+        outputs = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                             deterministic=deterministic, init_cache=init_cache, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states, return_dict=return_dict)
+        shared = self.model.variables["params"]["embed_tokens"]["embedding"].T
+        logits = self.lm_head.apply({"params": {"kernel": shared}}, outputs[0])
+        if not return_dict:
+            return (logits,) + outputs[1:]
+        from transformers.modeling_flax_outputs import FlaxCausalLMOutput
+        return FlaxCausalLMOutput(logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    __call__.ftjax_shim = True
+    return __call__
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -197,6 +231,8 @@ _FINDER = _PatchAfterImport()
 ROTARY_MODULES = {"transformers.models.llama.modeling_flax_llama": "FlaxLlamaRotaryEmbedding",
                   "transformers.models.mistral.modeling_flax_mistral": "FlaxMistralRotaryEmbedding",
                   "transformers.models.gemma.modeling_flax_gemma": "FlaxGemmaRotaryEmbedding"}
+TIED_HEAD_MODULES = {"transformers.models.llama.modeling_flax_llama": "FlaxLlamaForCausalLMModule",
+                     "transformers.models.mistral.modeling_flax_mistral": "FlaxMistralForCausalLMModule"}
 IMPORT_UTILS_MODULE = "transformers.utils.import_utils"
 FLAX_UTILS_MODULE = "transformers.modeling_flax_utils"
 PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, *ROTARY_MODULES, IMPORT_UTILS_MODULE, FLAX_UTILS_MODULE) \

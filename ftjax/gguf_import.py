@@ -89,8 +89,8 @@ def read_llama_params(reader, config) -> dict:
             flat[("model", "layers", layer, *target)] = w.T if target[-1] == "kernel" else w
         else:
             raise FtjaxError(f"GGUF tensor '{name}' has no place in a Flax Llama model")
-    # Flax Llama has no weight tying: give lm_head its own copy of the embeddings when tied.
-    flat.setdefault(("lm_head", "kernel"), flat[("model", "embed_tokens", "embedding")].T.copy())
+    # A file without output.weight ties the output layer to the embeddings (ftjax.compat shim 7).
+    config.tie_word_embeddings = ("lm_head", "kernel") not in flat
     return unflatten_dict(flat)
 
 
@@ -126,6 +126,9 @@ def _metadata_without_torch():
         gguf_utils.is_torch_available = guard
 
 
+IMPORT_VERSION = 2  # 2: tied embeddings kept tied (no lm_head copy)
+
+
 def _file_hash(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -141,7 +144,7 @@ def import_gguf(path: str, cache_dir: str | Path | None = None) -> Path:
     path = resolve_path(path)
     if not Path(path).is_file():
         raise FtjaxError(f"GGUF file not found: {path}")
-    out = Path(cache_dir or cache_root() / "gguf") / f"{Path(path).stem}-{_file_hash(path)}"
+    out = Path(cache_dir or cache_root() / "gguf") / f"{Path(path).stem}-{_file_hash(path)}-v{IMPORT_VERSION}"
     if (out / "flax_model.msgpack").is_file():
         return out
     reader = _reader(path)

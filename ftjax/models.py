@@ -282,6 +282,12 @@ def place_params(model, weights: Optional[dict], shardings, head_init: str = "fl
     """
     shapes, targets = flatten_dict(abstract_params(model)), flatten_dict(shardings)
     loaded = flatten_dict(weights or {})
+    extra = [k for k in loaded if k not in shapes]
+    if extra and getattr(model.config, "tie_word_embeddings", False) and all(k[0] == "lm_head" for k in extra):
+        for k in extra:  # a tied model's output layer is its embedding (PyTorch ties them the same way)
+            del loaded[k]
+    elif extra:
+        raise FtjaxError(f"the checkpoint has a parameter the model does not: {'/'.join(extra[0])}")
     missing = [k for k in shapes if k not in loaded]
     out = {}
     if missing:

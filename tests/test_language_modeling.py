@@ -226,11 +226,13 @@ model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name
 tok = transformers.AutoTokenizer.from_pretrained(sys.argv[2])
 ids = tok(sys.argv[3], return_tensors="pt")["input_ids"]
 with torch.no_grad():
+    print(sum(p.numel() for p in model.parameters()))  # tied weights counted once
     print(float(model(ids, labels=ids).loss))
 """
 
 
 def test_smollm2_from_gguf_says_paris_and_matches_pytorch_loss():
+    import jax
     import optax
     from ftjax.gguf_import import import_gguf
     folder = import_gguf(SMOLLM2)  # cached after the first run (~30 s)
@@ -246,7 +248,33 @@ def test_smollm2_from_gguf_says_paris_and_matches_pytorch_loss():
     assert text.strip().startswith("Paris")
     out, err = torch_run.communicate(timeout=300)
     assert torch_run.returncode == 0, err[-2000:]
-    assert loss == pytest.approx(float(out.strip().splitlines()[-1]), abs=0.05)
+    torch_parameters, torch_loss = out.strip().splitlines()[-2:]
+    assert loss == pytest.approx(float(torch_loss), abs=0.05)
+    # tied output layer (ftjax.compat shim 7): the parameters PyTorch trains, no separate lm_head copy
+    assert "lm_head" not in model.params
+    assert sum(x.size for x in jax.tree.leaves(model.params)) == int(torch_parameters)
+
+
+@pytest.mark.parametrize("family", ["Llama", "Mistral"])
+def test_tied_llama_and_mistral_use_the_embedding_as_output_layer(family):
+    """ftjax.compat shim 7: with tie_word_embeddings the Flax model has no lm_head of its own and its
+    logits are the final hidden states times the embedding matrix; untied, lm_head is kept."""
+    import jax
+    from ftjax import compat
+    compat.install()
+    kwargs = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cls = getattr(transformers, f"Flax{family}ForCausalLM")
+    tied = cls(getattr(transformers, f"{family}Config")(tie_word_embeddings=True, **kwargs), seed=0)
+    untied = cls(getattr(transformers, f"{family}Config")(tie_word_embeddings=False, **kwargs), seed=0)
+    assert "lm_head" not in tied.params and "lm_head" in untied.params
+    ids = np.arange(1, 9)[None]
+    hidden = tied.module.apply({"params": tied.params}, ids, np.ones_like(ids), np.arange(8)[None],
+                               method=lambda m, i, a, p: m.model(i, a, p)[0])
+    np.testing.assert_allclose(tied(ids).logits, hidden @ tied.params["model"]["embed_tokens"]["embedding"].T,
+                               rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: tied(ids, params=p).logits.sum())(tied.params)
+    assert float(np.abs(grads["model"]["embed_tokens"]["embedding"]).sum()) > 0
 
 
 # ---------------------------------------------------------------- corpora on disk
