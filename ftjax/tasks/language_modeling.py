@@ -245,8 +245,11 @@ class CausalLM(LanguageModeling):
     def token_terms(self, logits, batch):
         ids = batch["input_ids"]
         mask = batch.get("attention_mask", jnp.ones_like(ids))
-        weights = mask[:, 1:] * batch["weight"][:, None]  # the label of position t is token t + 1
-        return _shifted_ce(logits[:, :-1], ids[:, 1:], weights)
+        # The label of position t is token t + 1; the last position predicts nothing (weight 0). The
+        # labels are shifted, not the logits: slicing [B, L, vocab] would copy it (and pad its gradient).
+        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        weights = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1) * batch["weight"][:, None]
+        return _shifted_ce(logits, targets, weights)
 
     def generate(self, model, params, tokenizer, records):
         from ftjax.lm_inference import generate_text
