@@ -277,7 +277,7 @@ def main() -> None:
     path = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     record = json.loads(path.read_text()) if path.exists() else {}  # sections not rerun are kept
     record |= {"machine": machine(), "loadavg_start": os.getloadavg(), "sections": args.sections,
-              "note": "shared 2-core CPU with other jobs running; timings are indicative only"}
+              "note": os.environ.get("FTJAX_BENCH_NOTE", "")}  # what else ran on the machine
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "llama-big"

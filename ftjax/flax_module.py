@@ -99,6 +99,7 @@ class FlaxModuleModel:
         if config.num_labels is not None:
             kwargs["num_labels"] = config.num_labels
         self.is_nnx = "rngs" in inspect.signature(factory).parameters
+
         def build(rng=None):
             try:
                 return factory(**kwargs, **({"rngs": nnx.Rngs(rng)} if self.is_nnx else {}))
@@ -153,13 +154,15 @@ class FlaxModuleModel:
             model = nnx.merge(self._graphdef, self._param_state(params), self._rest, copy=True)
             if train:
                 model.train()
-                nnx.reseed(model, default=dropout_rng, dropout=dropout_rng)
             else:
                 model.eval()
+            if train and dropout_rng is not None:
+                nnx.reseed(model, default=dropout_rng, dropout=dropout_rng)
             out = model(input_ids, attention_mask, token_type_ids)
         else:
             out = self.module.apply({"params": params}, input_ids, attention_mask, token_type_ids,
-                                    deterministic=not train, rngs={"dropout": dropout_rng} if train else {})
+                                    deterministic=not train,
+                                    rngs={"dropout": dropout_rng} if train and dropout_rng is not None else {})
         return SimpleNamespace(**out) if isinstance(out, dict) else SimpleNamespace(logits=out)
 
     def _param_state(self, params: dict):
