@@ -195,7 +195,12 @@ def section_load(args, big: Path) -> list[dict]:
     rows = []
     for name, model in (("SmolLM2-135M (GGUF)", SMOLLM2), (f"Llama {args.big_layers} layers (safetensors)", str(big))):
         for approach in ("old", "new"):
-            r = run_child({"kind": "load", "model": model, "approach": approach}, env=EIGHT)
+            try:
+                r = run_child({"kind": "load", "model": model, "approach": approach}, env=EIGHT)
+            except SystemExit as e:  # e.g. killed for memory: recorded, the others still run
+                rows.append({"model": name, "approach": approach, "failed": str(e)[-500:]})
+                print(f"  load {name} {approach}: failed", flush=True)
+                continue
             r.update(model=name, approach=approach,
                      eighth_plus_5pct=r["max_device_bytes_after"] <= r["param_bytes"] / 8 * 1.05)
             rows.append(r)
@@ -241,9 +246,14 @@ def section_plan(args, big: Path) -> list[dict]:
             if f"{model.split()[0]}:{name}" not in args.plan_variants and name not in args.plan_variants:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
-                out, rss, wall = measured([sys.executable, "-c", PLAN_CLI, "plan", *argv, *extra,
-                                           f"training.output_dir={tmp}/out", "--json", f"{tmp}/plan.json"],
-                                          env={**EIGHT, "PYTHONPATH": str(ROOT)})
+                try:
+                    out, rss, wall = measured([sys.executable, "-c", PLAN_CLI, "plan", *argv, *extra,
+                                               f"training.output_dir={tmp}/out", "--json", f"{tmp}/plan.json"],
+                                              env={**EIGHT, "PYTHONPATH": str(ROOT)})
+                except SystemExit as e:
+                    rows.append({"model": model, "variant": name, "failed": str(e)[-500:]})
+                    print(f"  plan {model} {name}: failed", flush=True)
+                    continue
                 p = json.loads(Path(f"{tmp}/plan.json").read_text())
             tables[f"{model} {name}"] = out
             rows.append({"model": model, "variant": name, "wall_s": wall, **{k: p.get(k) for k in (

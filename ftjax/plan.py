@@ -69,7 +69,18 @@ def example_batch(config: Config, task: Task, tokenizer, mesh) -> dict[str, jax.
     if "train" not in raw:
         raise FtjaxError("no train split")
     task.check(raw)
-    prepared = task.prepare(datasets.DatasetDict({"train": subsample(raw["train"], rows, args.seed)}), tokenizer)
+    examples = rows
+    while True:  # LM tasks pack documents into blocks: a few short documents may not fill `rows` blocks
+        try:
+            prepared = task.prepare(datasets.DatasetDict({"train": subsample(raw["train"], examples, args.seed)}),
+                                    tokenizer)
+        except FtjaxError:
+            if examples >= len(raw["train"]):
+                raise
+            prepared = None
+        if prepared is not None and (len(prepared["train"].rows) >= rows or examples >= len(raw["train"])):
+            break
+        examples *= 4
     batcher = Batcher(prepared["train"].rows, rows, task.max_length, d.bucket_lengths,
                       pad_id=tokenizer.pad_token_id or 0, groups=task.length_groups())
     order = np.full(rows, -1)

@@ -216,3 +216,15 @@ def test_plan_of_a_100m_llama_on_8_devices_in_seconds(tmp_path, capsys):
     assert len(err) == 1 and "does not fit" in err[0] and "64.0 MiB" in err[0]
     remat = json.loads((tmp_path / "remat.json").read_text())
     assert remat["temp_bytes_per_device"] < p["temp_bytes_per_device"]
+
+
+def test_plan_of_an_lm_reads_enough_documents_for_its_blocks(tmp_path):
+    """One row per device of 1,024-token blocks: a single Lee document is shorter than a block, so the
+    plan reads more documents until the batch's blocks are filled (it failed with 'fewer than one block')."""
+    overrides = {**LLAMA_100M, "model.max_length": 1024, "task_options.block_size": 1024, "data.bucket_lengths": "[1024]",
+                 "model.config_overrides": "{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, "
+                                           "num_attention_heads: 8, num_key_value_heads: 8, max_position_embeddings: 1024}",
+                 "training.per_device_train_batch_size": 1, "mesh.fsdp": 1, "mesh.tensor": 8,
+                 "training.output_dir": tmp_path / "out"}
+    p = plan.plan(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    assert p["batch"]["input_ids"] == [1, 1024] and p["flops_per_step"] > 0
