@@ -34,10 +34,15 @@ _COLUMN = (r"(attention/self/(query|key|value)|q_lin|k_lin|v_lin|q_proj|k_proj|v
            r"gate_proj|up_proj|intermediate/dense|lin1|c_fc|c_attn|fc1|/wi(_0|_1)?|/(q|k|v))")
 _ROW = (r"(attention/output/dense|out_lin|o_proj|down_proj|out_proj|(?<!attention/)output/dense|"
         r"lin2|c_proj|fc2|/wo|/o)")
+# Vocabulary-parallel: the token embedding [vocab, hidden] split over its rows, a separate output
+# layer [hidden, vocab] over its columns (XLA adds the collectives of the lookup and of the loss).
+_EMBEDDING = r"(word_embeddings|embed_tokens|wte|shared)/embedding$"
 DEFAULT_TP_RULES: list = [
     [_COLUMN + "/kernel$", [None, "tensor"]],
     [_ROW + "/kernel$", ["tensor", None]],
     [_COLUMN + "/bias$", ["tensor"]],
+    [_EMBEDDING, ["tensor", None]],
+    [r"lm_head/kernel$", [None, "tensor"]],
 ]
 
 

@@ -121,6 +121,7 @@ def reference(tiny_model, tmp_path_factory):
     ("data_parallel", {"data": 8, "fsdp": 1, "tensor": 1}, 1),
     ("fsdp", {"data": 1, "fsdp": 8, "tensor": 1}, 1),
     ("tensor_parallel", {"data": 2, "fsdp": 1, "tensor": 4}, 4),
+    ("tensor_parallel_2", {"data": 4, "fsdp": 1, "tensor": 2}, 2),  # MiniLM's 30,522 rows split in 2
 ])
 def test_sharded_runs_follow_the_single_device_loss_curve(tiny_model, reference, tmp_path, name, mesh, per_device):
     data, expected = reference
@@ -130,12 +131,15 @@ def test_sharded_runs_follow_the_single_device_loss_curve(tiny_model, reference,
     assert results["train"]["mesh"] == mesh
     kernel = trainer.state.params["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"]
     spec = kernel.sharding.spec
-    expected_axis = {"data_parallel": None, "fsdp": "fsdp", "tensor_parallel": "tensor"}[name]
+    expected_axis = {"data_parallel": None, "fsdp": "fsdp", "tensor_parallel": "tensor", "tensor_parallel_2": "tensor"}[name]
     if expected_axis:
         assert expected_axis in tuple(spec), spec
         assert len(kernel.addressable_shards[0].data.reshape(-1)) < kernel.size  # really split
     else:
         assert all(a is None for a in spec)
+    embedding = trainer.state.params["bert"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec
+    # vocabulary-parallel where the tensor axis divides the 30,522 rows (2 does, 4 does not)
+    assert (tuple(embedding)[:1] == ("tensor",)) == (name == "tensor_parallel_2")
 
 
 @pytest.mark.parametrize("extra", [
