@@ -165,6 +165,20 @@ def test_gradient_checkpointing_same_gradients_less_memory(family, policy):
     assert temp_r < 0.6 * temp, (temp_r, temp)
 
 
+def test_trainer_keeps_gradient_checkpointing_on_cpu(tiny_model, sentiment_csv, tmp_path):
+    """XLA:CPU would merge the recomputation back into the forward pass: the trainer compiles its
+    train step with remat.KEEP_REMAT_ON_CPU when gradient checkpointing is on, so it saves memory here too."""
+    temps = {}
+    for on in ("false", "true"):
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model, sentiment_csv, tmp_path / on, **{
+            "training.gradient_checkpointing": on, "model.max_length": 128, "data.bucket_lengths": "[128]",
+            "training.per_device_train_batch_size": 32})))
+        trainer.init_state(total_steps=1)
+        batch = next(iter(trainer._device_batches(trainer.batcher("train"), 0, 0, 1)))
+        temps[on] = trainer.train_step.lower(trainer.state, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temps["true"] < 0.7 * temps["false"], temps
+
+
 # ---------------------------------------------------------------- ftjax plan
 
 LLAMA_100M = {  # 101M parameters: 2 x 30522 x 1024 embeddings (MiniLM's WordPiece vocab) + 3 layers
