@@ -113,3 +113,28 @@ def test_flax_module_covers_ner_mlm_and_qa_heads(kind, tiny_model):
 def test_flax_module_bad_settings_fail_with_one_line(setting, message, tiny_model, sentiment_csv, tmp_path):
     with pytest.raises(FtjaxError, match=message):
         Trainer(load_config(None, tiny_overrides(tiny_model, sentiment_csv, tmp_path, **setting)))
+
+
+@pytest.mark.parametrize("task,kind,extra", [
+    ("mlm", "linen", {}),  # per-token vocabulary logits, read at the masked positions
+    ("clm", "nnx", {"model.config_overrides.causal": "true"}),
+    ("ner", "linen", {"model.config_overrides.head": "tokens"}),
+])
+def test_flax_module_trains_the_token_tasks_end_to_end(task, kind, extra, tiny_model, tmp_path):
+    """MLM, CLM (Lee corpus blocks) and NER (CoNLL-style rows) through the same loop and evaluation."""
+    from test_language_modeling import lm_overrides
+    if task == "ner":
+        rows = [{"tokens": ["Alice", "met", "Bob", "in", "Paris", "today"], "ner_tags": ["B-PER", "O", "B-PER", "O", "B-LOC", "O"]},
+                {"tokens": ["Bob", "went", "to", "Rome"], "ner_tags": ["B-PER", "O", "O", "B-LOC"]}] * 20
+        data = tmp_path / "ner.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = tiny_overrides(tiny_model, str(data), tmp_path / "run", **{
+            "task": "ner", "data.text_column": "tokens", "data.label_column": "ner_tags", "training.max_steps": 6,
+            "model.flax_module": FACTORIES[kind], **SMALL, **extra})
+    else:
+        args = lm_overrides(tiny_model, tmp_path / "run", task=task, **{
+            "training.max_steps": 6, "training.eval_strategy": "steps", "training.eval_steps": 6,
+            "data.max_eval_samples": 10, "model.flax_module": FACTORIES[kind], **SMALL, **extra})
+    results = Trainer(load_config(None, args)).train()
+    losses = _losses(tmp_path / "run")
+    assert np.isfinite(results["validation"]["loss"]) and losses[-1] < losses[0]
