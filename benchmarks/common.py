@@ -42,6 +42,17 @@ def measured(argv: list[str], env: dict | None = None) -> tuple[str, float, floa
     return proc.stdout, peak, wall
 
 
+def timed(fn, iters: int) -> float:
+    """Median seconds of ``fn()`` over ``iters`` calls after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def machine() -> dict:
     import jax
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),

@@ -19,11 +19,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, alternate, machine, spread, table  # noqa: E402
+from common import RESULTS, alternate, machine, spread, table, timed  # noqa: E402
 
 B, T, H, NH, FF = 32, 64, 384, 12, 1536
 
@@ -40,17 +39,6 @@ SETTINGS = {
     "torch default (2 threads)": ("torch", {}),
     "torch 1 thread (OMP/MKL_NUM_THREADS=1)": ("torch", {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
 }
-
-
-def timed(fn, iters: int) -> float:
-    """Median seconds of ``fn()`` after two warm-up calls."""
-    fn(), fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def child_jax(iters: int) -> dict:
