@@ -54,9 +54,10 @@ def gather_masked(batch: dict, probability: float) -> dict:
 
 
 def _position_ids(model_config, input_ids):
-    if model_config.model_type in ("roberta", "xlm-roberta"):  # numbered after the padding id, as transformers does
-        pad = model_config.pad_token_id
-        return (jnp.cumsum(input_ids != pad, axis=1) * (input_ids != pad) + pad).astype(jnp.int32)
+    """The position ids transformers' own ``__call__`` would make for these ids."""
+    if model_config.model_type in ("roberta", "xlm-roberta"):  # numbered after the padding id
+        from transformers.models.roberta.modeling_flax_roberta import create_position_ids_from_input_ids
+        return create_position_ids_from_input_ids(input_ids, model_config.pad_token_id)
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
