@@ -176,6 +176,9 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     remat_policy: Optional[RematPolicy] = None
     dropout: bool = True  # train-mode dropout (turn off for exact equivalence tests)
+    # Run nn.Dense layers on [rows, features] (ftjax.flat_dense: XLA:CPU's 3-D weight gradient is
+    # slow); null: on where the backend is CPU.
+    flat_dense: Optional[bool] = None
     # [] turns both off; a single name is read as a one-item list.
     report_to: list[Literal["jsonl", "tensorboard"]] = dataclasses.field(
         default_factory=lambda: ["jsonl", "tensorboard"])

@@ -38,6 +38,7 @@ from ftjax.data.loading import load_splits, subsample
 from ftjax.data.streaming import BlockStream, StreamBatcher, prepare_streaming
 from ftjax.distributed import sync
 from ftjax.errors import FtjaxError
+from ftjax.flat_dense import maybe_flat_dense
 from ftjax.flops import FlopCounter, optimizer_flops, peak_tflops
 from ftjax.lora import Adaptation, export_peft
 from ftjax.models import (abstract_params, attach_params, check_max_length, gradient_checkpointing, load_tokenizer,
@@ -215,7 +216,7 @@ class Trainer:
                 if unmerged:
                     branches = adaptation.branches(params, jax.random.fold_in(rng, 2**31 - 1))
                 params = adaptation.effective(params, frozen, merge=not unmerged)
-            with remat(), branches:
+            with remat(), branches, maybe_flat_dense(args.flat_dense):
                 return task.loss(model, params, batch, rng, train=args.dropout)
 
         return loss_fn
@@ -267,7 +268,10 @@ class Trainer:
     def _outputs(self, batcher: Batcher, params=None) -> dict[str, np.ndarray]:
         """The task's per-row outputs of every real row, from all processes, in global row order."""
         if self._eval_step is None:
-            self._eval_step = jax.jit(make_eval_step(lambda p, b: self.task.outputs(self.model, p, b)))
+            def outputs(params, batch):
+                with maybe_flat_dense(self.args.flat_dense):
+                    return self.task.outputs(self.model, params, batch)
+            self._eval_step = jax.jit(make_eval_step(outputs))
         if params is None:
             params = self.params()  # on the mesh since loading (``place_params``)
         nb = int(agree_max([batcher.num_batches()])[0])

@@ -42,6 +42,18 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory) -> str:
+    """A 2-layer, dim-32 DistilBERT (no position ids, no token types) with the MiniLM tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-distilbert")
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_path(MINILM))
+    config = transformers.DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=128)
+    transformers.FlaxDistilBertModel(config, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_bart(tmp_path_factory) -> str:
     """A 1+1-layer, d_model-32 BART with the MiniLM WordPiece tokenizer, saved in Flax format."""
     import transformers
@@ -55,6 +67,19 @@ def tiny_bart(tmp_path_factory) -> str:
     transformers.FlaxBartForConditionalGeneration(config, seed=0).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def tiny_family(family: str):
+    """A 4-layer, width-64 model of each family (random weights, dropout on)."""
+    t = transformers
+    if family == "bert":  # transformers' own enable_gradient_checkpointing
+        return t.FlaxBertForMaskedLM(t.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4,
+                                                  num_attention_heads=4, intermediate_size=128))
+    if family == "gpt2":
+        return t.FlaxGPT2LMHeadModel(t.GPT2Config(vocab_size=128, n_embd=64, n_layer=4, n_head=4, n_positions=128))
+    return t.FlaxLlamaForCausalLM(t.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                                max_position_embeddings=128, attention_dropout=0.1))
 
 
 def write_sentiment_csv(path: Path, n: int = 120, seed: int = 0) -> Path:

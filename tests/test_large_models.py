@@ -14,7 +14,7 @@ import pytest
 import transformers
 from flax.traverse_util import flatten_dict
 
-from conftest import MINILM, tiny_overrides
+from conftest import MINILM, tiny_family, tiny_overrides
 from ftjax import cli, models, plan, remat
 from ftjax.config import ModelConfig, load_config
 from ftjax.errors import FtjaxError
@@ -122,19 +122,6 @@ def test_remat_policy_needs_gradient_checkpointing():
         load_config(None, ["training.gradient_checkpointing=true", "training.remat_policy=dot_saveable"])
 
 
-def _tiny(family: str):
-    """A 4-layer, width-64 model of each family (random weights, dropout on)."""
-    t = transformers
-    if family == "bert":  # transformers' own enable_gradient_checkpointing
-        return t.FlaxBertForMaskedLM(t.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4,
-                                                  num_attention_heads=4, intermediate_size=128))
-    if family == "gpt2":
-        return t.FlaxGPT2LMHeadModel(t.GPT2Config(vocab_size=128, n_embd=64, n_layer=4, n_head=4, n_positions=128))
-    return t.FlaxLlamaForCausalLM(t.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                                max_position_embeddings=128, attention_dropout=0.1))
-
-
 def _grad_step(model, remat_context):
     """(loss, grads) of a token cross-entropy with dropout, and the compiled step's temporary bytes
     (compiled as an accelerator would: see remat.KEEP_REMAT_ON_CPU)."""
@@ -154,7 +141,7 @@ def _grad_step(model, remat_context):
 @pytest.mark.parametrize("family,policy", [("bert", None), ("gpt2", None), ("llama", None),
                                            ("llama", "dots_with_no_batch_dims_saveable")])
 def test_gradient_checkpointing_same_gradients_less_memory(family, policy):
-    model = _tiny(family)
+    model = tiny_family(family)
     (loss, grads), temp = _grad_step(model, contextlib.nullcontext)
     context = models.gradient_checkpointing(model, policy)
     assert (context is contextlib.nullcontext) == (family == "bert" and policy is None)  # transformers' switch
