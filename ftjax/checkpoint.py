@@ -194,10 +194,11 @@ def abstract_like(tree, shardings):
 def export_pretrained(model, params, tokenizer, directory: str | Path, max_length: Optional[int] = None) -> Path:
     """``save_pretrained`` (Flax msgpack weights + config) and the tokenizer, loadable by
     ``FlaxAutoModel*.from_pretrained`` and, with torch installed, by ``pipeline(...)``."""
+    from ftjax.models import save_model
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.dtype = "float32"  # the weights' dtype; a jnp type here would be written as "numpy"
-    model.save_pretrained(directory, params=jax.device_get(params))
+    save_model(model, params, directory)
     if max_length is not None:  # the length the model was trained at, not the base checkpoint's
         tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = max_length
     tokenizer.save_pretrained(directory)

@@ -33,6 +33,10 @@ has 0.11.2):
    more parameters for SmolLM2-135M) that PyTorch ties to it. Their causal-LM ``__call__`` then
    computes the logits with the embedding matrix, as Flax GPT-2 / Gemma do, so the model has no
    ``lm_head`` parameter and trains what PyTorch trains; an untied config runs the original code.
+8. DistilBERT's self-attention reshapes the padding mask to ``[batch, 1, 1, keys]`` with
+   ``jnp.reshape``, which rejects the ``[batch, queries, keys]`` mask of packed rows (shim 6's case).
+   Its module gets a ``jnp`` whose ``reshape`` makes such a mask ``[batch, 1, queries, keys]``; every
+   other reshape, and a 2-D mask, go the original way.
 
 Nothing happens at import: ``install()`` applies the shims, at once to modules already imported and
 to the others when they are imported (an import hook). Code that builds a transformers Flax model
@@ -97,6 +101,28 @@ class _NumpyWithSegmentMasks(types.ModuleType):
 
 
 _SEGMENT_JNP = _NumpyWithSegmentMasks("jax.numpy")
+
+
+def reshape(a, shape, *args, **kwargs):
+    """``jnp.reshape``; a ``[batch, queries, keys]`` mask reshaped to ``(batch, 1, 1, keys)``
+    becomes ``[batch, 1, queries, keys]``."""
+    if getattr(a, "ndim", 0) == 3 and isinstance(shape, tuple) and len(shape) == 4 \
+            and tuple(shape) == (a.shape[0], 1, 1, a.shape[2]):
+        return a[:, None]
+    return jnp.reshape(a, shape, *args, **kwargs)
+
+
+class _NumpyWithSegmentReshape(types.ModuleType):
+    """Stands in for ``jax.numpy`` inside DistilBERT's module: only ``reshape`` differs (shim 8)."""
+
+    reshape = staticmethod(reshape)
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+
+_RESHAPE_JNP = _NumpyWithSegmentReshape("jax.numpy")
+DISTILBERT_MODULE = "transformers.models.distilbert.modeling_flax_distilbert"
 # model_type -> the transformers module whose self-attention builds the mask bias (shim 6).
 SEGMENT_MASK_MODULES = {
     "bert": "transformers.models.bert.modeling_flax_bert",
@@ -172,6 +198,8 @@ def _patch(module) -> None:
             module._accelerate_available = False
     elif module.__name__ in SEGMENT_MASK_MODULES.values():
         module.jnp = _SEGMENT_JNP
+    elif module.__name__ == DISTILBERT_MODULE:
+        module.jnp = _RESHAPE_JNP
     elif module.__name__ == LOGITS_MODULE:
         module.FlaxNoRepeatNGramLogitsProcessor.__call__ = no_repeat_ngram_call
     elif needs_clip_shim() and getattr(module, "jnp", None) is jnp:
@@ -236,7 +264,7 @@ TIED_HEAD_MODULES = {"transformers.models.llama.modeling_flax_llama": "FlaxLlama
 IMPORT_UTILS_MODULE = "transformers.utils.import_utils"
 FLAX_UTILS_MODULE = "transformers.modeling_flax_utils"
 PATCHED_MODULES = CLIP_MODULES + (LOGITS_MODULE, *ROTARY_MODULES, IMPORT_UTILS_MODULE, FLAX_UTILS_MODULE) \
-    + tuple(SEGMENT_MASK_MODULES.values())
+    + tuple(SEGMENT_MASK_MODULES.values()) + (DISTILBERT_MODULE,)
 
 
 def flax_transformers():

@@ -46,8 +46,9 @@ def target_ids(tokenizer, targets: list[str]) -> list[int]:
 
 @functools.partial(jax.jit, static_argnames=("model", "top_k"))
 def _mask_scores(model, params, input_ids, attention_mask, top_k: int, targets):
-    probs = jax.nn.softmax(model(input_ids=input_ids, attention_mask=attention_mask, params=params,
-                                 train=False).logits.astype(jnp.float32), axis=-1)
+    from ftjax.models import forward
+    logits = forward(model, params, {"input_ids": input_ids, "attention_mask": attention_mask}, None, False).logits
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     if targets is not None:
         return probs[..., targets], jnp.broadcast_to(targets, probs.shape[:-1] + targets.shape)
     return jax.lax.top_k(probs, top_k)
@@ -87,8 +88,8 @@ def fill_mask(model, tokenizer, texts: list[str], top_k: int = 5, targets: Optio
 
 @functools.partial(jax.jit, static_argnames=("model", "options"))
 def _generate(model, params, input_ids, attention_mask, key, options: tuple):
-    return model.generate(input_ids, attention_mask=attention_mask, params=params, prng_key=key,
-                          **dict(options)).sequences
+    from ftjax.models import generate
+    return generate(model, params, input_ids, attention_mask=attention_mask, prng_key=key, **dict(options))
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, do_sample: bool = False,

@@ -80,6 +80,6 @@ def masked_logits(model, params, batch: dict, rng: Optional[jax.Array], train: b
                   if module.config.tie_word_embeddings else None)
         return getattr(module, head_name)(hidden, shared_embedding=shared)
 
-    rngs = {"dropout": rng} if train and rng is not None else {}
-    return model.module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"], token_types,
-                              inputs["position_ids"], batch["masked_positions"], not train, method=forward, rngs=rngs)
+    from ftjax.models import apply_method
+    return apply_method(model, params, forward, inputs["input_ids"], inputs["attention_mask"], token_types,
+                        inputs["position_ids"], batch["masked_positions"], rng=rng, train=train)

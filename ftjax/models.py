@@ -11,10 +11,17 @@ This is where ftjax imports ``transformers``, and so where two process-wide choi
   ``model_config``), not at import. Code elsewhere that builds a transformers Flax model itself
   gets the module from ``flax_transformers()`` (``ftjax.compat``, re-exported here).
 
-It is also the one place that uses transformers' loading API, so that a model larger than one
-device loads: ``load_model`` builds the model without weights (``_do_init=False``) and reads the
-checkpoint into host memory; ``place_params`` then puts every parameter straight onto its shards
-(missing ones, such as a new head, initialised there); ``attach_params`` hands them to the model.
+It is also the one place that uses transformers' model API: loading, running, generating and
+saving (tests/test_imports.py checks that no other module calls a model).
+
+* Loading, so that a model larger than one device loads: ``load_model`` builds the model without
+  weights (``_do_init=False``) and reads the checkpoint into host memory; ``place_params`` then puts
+  every parameter straight onto its shards (missing ones, such as a new head, initialised there);
+  ``attach_params`` hands them to the model.
+* Running: ``forward`` (the class's own ``__call__``), ``apply_method`` (a function run inside the
+  model's Flax module, for what ``__call__`` does not return), ``generate`` and ``save_model``. A
+  ``model.flax_module`` model (``ftjax.flax_module.FlaxModuleModel``) answers ``forward`` and
+  ``save_model`` the same way, so the tasks run either.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -329,3 +337,36 @@ def gradient_checkpointing(model, policy: Optional[str] = None) -> Callable[[], 
         except NotImplementedError:
             pass
     return functools.partial(remat.remat_layers, remat.policy(policy))
+
+
+# ---------------------------------------------------------------- running a model
+
+def forward(model, params, inputs: dict, rng: Optional[jax.Array], train: bool):
+    """The model's output (``.logits``...) on keyword ``inputs``; dropout only when ``train``.
+    ``token_type_ids`` (which a BERT tokenizer adds) are dropped for a class that takes none
+    (DistilBERT)."""
+    if "token_type_ids" in inputs and not _takes_token_types(type(model)):
+        inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    return model(**inputs, params=params, dropout_rng=rng if train else None, train=train)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_token_types(cls) -> bool:
+    return "token_type_ids" in inspect.signature(cls.__call__).parameters
+
+
+def apply_method(model, params, method: Callable, *args, rng: Optional[jax.Array], train: bool):
+    """``method(module, *args, deterministic)`` run inside the model's Flax module with ``params``:
+    for what the class's ``__call__`` does not give (a head at chosen positions, per packed segment)."""
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    return model.module.apply({"params": params}, *args, not train, method=method, rngs=rngs)
+
+
+def generate(model, params, input_ids: jax.Array, **options) -> jax.Array:
+    """``[batch, length]`` token ids from transformers' ``generate`` (greedy, beam search, sampling)."""
+    return model.generate(input_ids, params=params, **options).sequences
+
+
+def save_model(model, params, directory) -> None:
+    """The model's config and weights (Flax msgpack, never pickle) in ``directory``."""
+    model.save_pretrained(directory, params=jax.device_get(params))

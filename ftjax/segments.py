@@ -5,7 +5,7 @@ A packed row holds several examples one after the other; ``segment_ids`` numbers
 model needs so that every example is computed exactly as if it were alone in its row:
 
 * the attention mask ``[batch, L, L]``: a query attends to the keys of its own segment only (the
-  BERT-family attention accepts it through the ``ftjax.compat`` shim 6);
+  BERT-family attention accepts it through the ``ftjax.compat`` shim 6, DistilBERT's through shim 8);
 * position ids restarted per segment, shifted as the family numbers positions (RoBERTa / XLM-R
   start after ``pad_token_id``);
 * for sequence classification, the head applied to each segment's first token (the CLS of each
@@ -16,7 +16,7 @@ The same mask and positions keep each document of a packed language-modelling bl
 (``task_options.document_attention``; ``document_segments`` finds the documents on the host).
 
 Supported: packed fine-tuning for the encoder families of ``FAMILIES`` (BERT, RoBERTa, XLM-R,
-ELECTRA; ``check_segment_support``), document attention for every family of
+ELECTRA, DistilBERT; ``check_segment_support``), document attention for every family of
 ``compat.SEGMENT_MASK_MODULES`` (those and GPT-2, Llama, Mistral, Gemma;
 ``check_document_attention``). Any other is rejected with one line.
 """
@@ -44,12 +44,47 @@ def _cls_head_own(module, cls, deterministic: bool):
     return module.classifier(cls, deterministic=deterministic)
 
 
+def _cls_head_distilbert(module, cls, deterministic: bool):
+    """DistilBERT: dense + ReLU on the first token, dropout, classifier (its ``__call__``'s head)."""
+    pooled = jax.nn.relu(module.pre_classifier(cls[:, 0]))
+    return module.classifier(module.dropout(pooled, deterministic=deterministic))
+
+
+def _hidden_distilbert(module, input_ids, attention_mask, token_type_ids, position_ids, deterministic: bool):
+    """DistilBERT's encoder output with the given position ids (its embeddings count 0..L-1 themselves
+    and take no ``position_ids``): word + position embeddings, LayerNorm, dropout, the layers."""
+    encoder = module.distilbert
+    embeddings = encoder.embeddings
+    words = embeddings.word_embeddings(input_ids.astype("i4"))
+    if encoder.config.sinusoidal_pos_embds:
+        positions = jnp.take(embeddings.pos_encoding[0], position_ids, axis=0).astype(words.dtype)
+    else:
+        positions = embeddings.position_embeddings(position_ids.astype("i4"))
+    hidden = embeddings.dropout(embeddings.LayerNorm(words + positions), deterministic=deterministic)
+    return encoder.transformer(hidden, attention_mask, deterministic=deterministic)[0]
+
+
+def _token_head_distilbert(module, hidden, deterministic: bool):
+    """DistilBERT token classification: dropout, classifier."""
+    return module.classifier(module.dropout(hidden, deterministic=deterministic))
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How an encoder family takes packed rows of a classification task."""
 
     encoder: str  # attribute of the task module holding the encoder (FlaxBertModule...)
     cls_head: Callable  # (task module, [n, 1, hidden], deterministic) -> [n, labels]
+    # For a family whose __call__ takes no position_ids: (task module, ids, mask, token types, positions,
+    # deterministic) -> hidden states, and the token-classification head on them.
+    hidden: Optional[Callable] = None
+    token_head: Optional[Callable] = None
+
+    def encode(self, module, input_ids, attention_mask, token_type_ids, position_ids, deterministic: bool):
+        if self.hidden is not None:
+            return self.hidden(module, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        return getattr(module, self.encoder)(input_ids, attention_mask, token_type_ids, position_ids, None,
+                                             deterministic=deterministic)[0]
 
 
 FAMILIES: dict[str, Family] = {
@@ -57,8 +92,10 @@ FAMILIES: dict[str, Family] = {
     "electra": Family("electra", _cls_head_own),
     "roberta": Family("roberta", _cls_head_own),
     "xlm-roberta": Family("roberta", _cls_head_own),
+    # the mask through compat shim 8, the positions through _hidden_distilbert
+    "distilbert": Family("distilbert", _cls_head_distilbert, _hidden_distilbert, _token_head_distilbert),
 }
-assert set(FAMILIES) <= set(compat.SEGMENT_MASK_MODULES)
+assert set(FAMILIES) - {"distilbert"} <= set(compat.SEGMENT_MASK_MODULES)
 
 
 def first_position(model_config) -> int:
@@ -101,9 +138,19 @@ def segment_inputs(model_config, batch: dict) -> dict:
 
 
 def packed_token_logits(model, params, batch: dict, rng: Optional[jax.Array], train: bool) -> jax.Array:
-    """``[batch, L, labels]``: a token-classification model's logits of a packed batch."""
-    return model(**segment_inputs(model.config, batch), params=params, dropout_rng=rng if train else None,
-                 train=train).logits
+    """``[batch, L, labels]``: a token-classification (or LM) model's logits of a packed batch."""
+    from ftjax.models import apply_method, forward
+    inputs = segment_inputs(model.config, batch)
+    family = FAMILIES.get(model.config.model_type)
+    if family is None or family.token_head is None:  # the class's own __call__ takes the positions
+        return forward(model, params, inputs, rng, train).logits
+
+    def token_logits(module, input_ids, attention_mask, position_ids, deterministic):
+        hidden = family.encode(module, input_ids, attention_mask, None, position_ids, deterministic)
+        return family.token_head(module, hidden, deterministic)
+
+    return apply_method(model, params, token_logits, inputs["input_ids"], inputs["attention_mask"],
+                        inputs["position_ids"], rng=rng, train=train)
 
 
 def packed_sequence_logits(model, params, batch: dict, rng: Optional[jax.Array], train: bool) -> jax.Array:
@@ -113,14 +160,12 @@ def packed_sequence_logits(model, params, batch: dict, rng: Optional[jax.Array],
     family = FAMILIES[model.config.model_type]
 
     def forward(module, input_ids, attention_mask, token_type_ids, position_ids, starts, deterministic):
-        hidden = getattr(module, family.encoder)(input_ids, attention_mask, token_type_ids, position_ids, None,
-                                         deterministic=deterministic)[0]
+        hidden = family.encode(module, input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         cls = jnp.take_along_axis(hidden, starts[:, :, None], axis=1)  # [batch, segments, hidden]
         rows, segments, width = cls.shape
         return family.cls_head(module, cls.reshape(rows * segments, 1, width), deterministic).reshape(rows, segments, -1)
 
+    from ftjax.models import apply_method
     token_types = inputs.get("token_type_ids", jnp.zeros_like(inputs["input_ids"]))
-    rngs = {"dropout": rng} if train and rng is not None else {}
-    return model.module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"], token_types,
-                              inputs["position_ids"], batch["segment_starts"], not train,
-                              method=forward, rngs=rngs)
+    return apply_method(model, params, forward, inputs["input_ids"], inputs["attention_mask"], token_types,
+                        inputs["position_ids"], batch["segment_starts"], rng=rng, train=train)

@@ -256,3 +256,41 @@ def test_no_two_modules_import_each_other_even_lazily():
 def test_the_cycle_finder_finds_cycles():
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+# Where a model may be called directly: the adapter itself, the plain-Flax model that answers the
+# same calls, the shims that run inside transformers' own modules, and the GGUF converter that writes
+# a Flax folder (ftjax.models imports it, so it cannot import ftjax.models back).
+MODEL_CALLERS = {"ftjax.models", "ftjax.flax_module", "ftjax.compat", "ftjax.gguf_import"}
+
+
+def _model_calls(tree: ast.AST) -> list[str]:
+    """``model(...)``, ``x.model(...)``, ``model.generate(...)``, ``*.module.apply(...)`` and
+    ``model.save_pretrained(...)`` calls in a module's syntax tree."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        receiver = f.value if isinstance(f, ast.Attribute) else None
+        receiver_name = getattr(receiver, "id", getattr(receiver, "attr", ""))
+        if (isinstance(f, ast.Name) and f.id == "model") or (isinstance(f, ast.Attribute) and f.attr == "model") \
+                or (isinstance(f, ast.Attribute) and f.attr in ("generate", "save_pretrained")
+                    and receiver_name.endswith("model")) \
+                or (isinstance(f, ast.Attribute) and f.attr == "apply" and receiver_name == "module"):
+            found.append(f"line {node.lineno}: {ast.unparse(f)}(...)")
+    return found
+
+
+def test_only_ftjax_models_calls_a_model():
+    """ftjax.models is the one adapter between ftjax and transformers' model API (forward,
+    apply_method, generate, save_model): no other module calls a model itself."""
+    calls = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found = _model_calls(ast.parse(path.read_text(encoding="utf-8")))
+        if found:
+            calls[name] = found
+    assert {"ftjax.models", "ftjax.flax_module"} <= set(calls)  # the finder finds calls
+    assert not set(calls) - MODEL_CALLERS, {k: v for k, v in calls.items() if k not in MODEL_CALLERS}

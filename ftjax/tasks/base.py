@@ -160,8 +160,8 @@ class Task:
 
 def model_output(model, params, batch: dict, rng: Optional[jax.Array], train: bool):
     """The model's output on the batch's model inputs (dropout only when ``train``)."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    return model(**inputs, params=params, dropout_rng=rng if train else None, train=train)
+    from ftjax.models import forward
+    return forward(model, params, {k: batch[k] for k in MODEL_INPUTS if k in batch}, rng, train)
 
 
 def tokenize_split(task: Task, ds: datasets.Dataset, function, split: str, tokenizer, name: str = "tokenize",

@@ -23,7 +23,8 @@ import optax
 
 from ftjax.data.batching import LengthGroup
 from ftjax.errors import FtjaxError
-from ftjax.models import flax_transformers, load_encoder_decoder, load_model, locate, model_config as load_config
+from ftjax.models import (flax_transformers, forward, generate, load_encoder_decoder, load_model, locate,
+                          model_config as load_config)
 from ftjax.tasks.base import Split, Task, register, require_columns, tokenize_split
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -141,9 +142,9 @@ class Seq2Seq(Task):
     # ---- device ----------------------------------------------------------------------------
     @staticmethod
     def _logits(model, params, batch, rng, train):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     decoder_input_ids=decoder_inputs(model, batch["labels"]),
-                     params=params, dropout_rng=rng if train else None, train=train).logits
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "decoder_input_ids": decoder_inputs(model, batch["labels"])}
+        return forward(model, params, inputs, rng, train).logits
 
     def loss(self, model, params, batch, rng, train):
         return token_cross_entropy(self._logits(model, params, batch, rng, train), batch["labels"])
@@ -155,10 +156,10 @@ class Seq2Seq(Task):
         special = {k: next((v for v in (getattr(model.generation_config, k, None), getattr(model.config, k, None))
                             if v is not None), None)
                    for k in ("decoder_start_token_id", "pad_token_id", "eos_token_id")}
-        return model.generate(
-            batch["input_ids"], attention_mask=batch["attention_mask"], params=params,
+        return generate(
+            model, params, batch["input_ids"], attention_mask=batch["attention_mask"],
             max_new_tokens=inf.max_new_tokens, num_beams=inf.num_beams, length_penalty=inf.length_penalty,
-            no_repeat_ngram_size=inf.no_repeat_ngram_size or None, do_sample=False, **special).sequences
+            no_repeat_ngram_size=inf.no_repeat_ngram_size or None, do_sample=False, **special)
 
     def outputs(self, model, params, batch):
         out = {"index": batch["index"], "weight": batch["weight"]}
