@@ -21,17 +21,23 @@ CONFIGS = {
     "roberta": transformers.RobertaConfig,
     "xlm-roberta": transformers.XLMRobertaConfig,
     "electra": transformers.ElectraConfig,
+    "distilbert": transformers.DistilBertConfig,  # positions through segments._hidden_distilbert
+    "distilbert-sinusoidal": transformers.DistilBertConfig,
 }
 
 
 def _config(family, num_labels):
+    if family.startswith("distilbert"):
+        return transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                                             max_position_embeddings=80, num_labels=num_labels, pad_token_id=1,
+                                             sinusoidal_pos_embds=family.endswith("sinusoidal"))
     extra = {"embedding_size": 32} if family == "electra" else {}
     return CONFIGS[family](vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=80, num_labels=num_labels,
                            pad_token_id=1, type_vocab_size=2, **extra)
 
 
-def _examples(n, token_level, num_labels, seed=0):
+def _examples(n, token_level, num_labels, seed=0, token_types=True):
     """Random tokenized examples of 3..22 tokens with classification or token labels."""
     rng = np.random.default_rng(seed)
     rows = {"input_ids": [], "attention_mask": [], "token_type_ids": [], "labels": []}
@@ -48,6 +54,8 @@ def _examples(n, token_level, num_labels, seed=0):
             rows["labels"].append(int(rng.integers(0, num_labels)))
     if token_level:
         rows["num_words"] = [len(x) for x in rows["input_ids"]]
+    if not token_types:  # DistilBERT takes none
+        del rows["token_type_ids"]
     return datasets.Dataset.from_dict(rows)
 
 
@@ -86,14 +94,16 @@ def _assert_same(task, model_and_params, ds):
 def test_packed_classification_equals_unpacked_loss_and_gradients(family):
     task = get_task(load_config(None, ["task=classification"]))
     task.label_names = ["a", "b", "c"]
-    _assert_same(task, _model("ForSequenceClassification", family, 3), _examples(24, False, 3))
+    examples = _examples(24, False, 3, token_types=not family.startswith("distilbert"))
+    _assert_same(task, _model("ForSequenceClassification", family, 3), examples)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 def test_packed_ner_equals_unpacked_loss_and_gradients(family):
     task = get_task(load_config(None, ["task=ner"]))
     task.label_names = ["O", "B-x", "I-x"]
-    _assert_same(task, _model("ForTokenClassification", family, 3), _examples(24, True, 3))
+    examples = _examples(24, True, 3, token_types=family != "distilbert")
+    _assert_same(task, _model("ForTokenClassification", family, 3), examples)
 
 
 def test_pack_examples_columns_and_fill():
@@ -115,6 +125,20 @@ def test_pack_examples_columns_and_fill():
     assert sorted(seen) == list(range(40))
 
 
+def test_packed_batches_share_one_segment_width():
+    """Rows hold 2 to 8+ examples, but every batch pads its per-example fields to the split's widest
+    row (a power of two): one train-step shape, one compile."""
+    ds = _examples(60, False, 3, seed=2)
+    packed, _ = pack_examples(ds, ROW)
+    per_row = [len(x) for x in packed["segment_starts"]]
+    assert min(per_row) < max(per_row)
+    (group,) = packed_groups(packed, ROW)
+    assert group.buckets == (group.max_length,) and group.max_length == 1 << (max(per_row) - 1).bit_length()
+    batcher = Batcher(packed, 2, ROW, [ROW], 1, groups=packed_groups(packed, ROW), shuffle=True)
+    widths = {(b["segment_starts"].shape, b["segment_index"].shape) for b in batcher.batches(0)}
+    assert widths == {((2, group.max_length), (2, group.max_length))}
+
+
 def test_packed_batches_hold_about_the_unpacked_examples():
     stats = ExamplePackStats(examples=96, rows=25, tokens=0, row_length=32)  # 3.84 examples a row
     assert packed_batch_rows(32, stats, 1) == 8
@@ -130,8 +154,8 @@ def test_best_fit_bins_fill_and_oversized_example():
 
 
 def test_unsupported_family_and_regression_fail_with_one_line():
-    with pytest.raises(FtjaxError, match="data.packing: distilbert models do not support it"):
-        check_segment_support(transformers.DistilBertConfig())
+    with pytest.raises(FtjaxError, match="data.packing: albert models do not support it"):
+        check_segment_support(transformers.AlbertConfig())
     ds = datasets.Dataset.from_dict({"input_ids": [[2, 3], [2, 4, 5]], "labels": [0.5, 1.5]})
     with pytest.raises(FtjaxError, match="regression targets are not supported"):
         pack_examples(ds, 8)
@@ -165,11 +189,14 @@ def _run(tmp_path, name, over):
     return json.loads((tmp_path / name / "results.json").read_text())
 
 
-@pytest.mark.parametrize("task", ["classification", "ner"])
-def test_one_packed_step_from_the_cli_gives_the_unpacked_model(task, tiny_model, sentiment_csv, tmp_path):
+@pytest.mark.parametrize("task,family", [("classification", "bert"), ("ner", "bert"),
+                                         ("classification", "distilbert"), ("ner", "distilbert")])
+def test_one_packed_step_from_the_cli_gives_the_unpacked_model(task, family, request, sentiment_csv, tmp_path):
     """One step over the same examples, packed or not (Adam with a large epsilon, so the update is
-    linear in the gradient): the same validation metrics, and packed rows almost free of padding."""
+    linear in the gradient): the same validation metrics, and packed rows almost free of padding.
+    DistilBERT's Flax classes take no position ids: ftjax.segments computes its embeddings."""
     from conftest import tiny_overrides
+    tiny_model = request.getfixturevalue("tiny_model" if family == "bert" else "tiny_distilbert")
     data = sentiment_csv if task == "classification" else WNUT
     config = tmp_path / "config.yaml"
     config.write_text(f"task: {task}\n")
