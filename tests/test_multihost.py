@@ -49,6 +49,10 @@ def _family(name, tmp_path, tiny_model, tiny_bart):
     """(overrides, metrics compared) of a tiny run of one task family."""
     if name == "classification":
         return {"data.train_file": str(write_sentiment_csv(tmp_path / "reviews.csv", n=60))}, ["accuracy", "f1_macro"]
+    if name in ("flax.linen", "flax.nnx"):  # model.flax_module: a plain Flax model, not a transformers class
+        return {"data.train_file": str(write_sentiment_csv(tmp_path / "reviews.csv", n=60)),
+                "model.flax_module": f"ftjax.example_models:{name[5:]}_encoder", "model.config_overrides.hidden": 32,
+                "model.config_overrides.layers": 2, "model.config_overrides.max_length": 64}, ["accuracy", "f1_macro"]
     if name == "ner":
         return {"task": "ner", "data.train_file": _ner_file(tmp_path / "ner.conll"), "data.format": "conll",
                 "training.metric_for_best_model": "f1"}, ["f1", "precision", "recall", "accuracy"]
@@ -83,7 +87,7 @@ def _run(tmp_path, base, n_proc, devices_per_proc, name):
     return np.array([r["train/loss"] for r in log if "train/loss" in r]), results, children
 
 
-@pytest.mark.parametrize("family", ["classification", "ner", "mlm", "clm", "qa", "seq2seq"])
+@pytest.mark.parametrize("family", ["classification", "ner", "mlm", "clm", "qa", "seq2seq", "flax.linen", "flax.nnx"])
 def test_two_processes_match_one_process(family, tmp_path, tiny_model, tiny_bart):
     extra, compared = _family(family, tmp_path, tiny_model, tiny_bart)
     base = tiny_overrides(tiny_model, extra.pop("data.train_file"), tmp_path / "unused", **{
