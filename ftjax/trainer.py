@@ -164,7 +164,7 @@ class Trainer:
                           shuffle=train and d.shuffle,
                           group_by_length=train and d.group_by_length, window=d.length_window_batches,
                           process_index=jax.process_index(), process_count=jax.process_count(),
-                          groups=groups, max_buckets=d.max_buckets)
+                          groups=groups, max_buckets=d.max_buckets, sort_by_length=not train)
         batcher.pack_stats = pack_stats  # reported in results.json
         return batcher
 

@@ -106,7 +106,10 @@ class Batcher:
       buckets: candidate padded lengths; None: chosen from the lengths of this split's batches
         (``choose_buckets`` over ``_batch_maxima``, at most ``max_buckets`` shapes).
       pad_id: padding value of ``input_ids``.
-      shuffle / group_by_length / window: training order; evaluation uses file order.
+      shuffle / group_by_length / window: training order (shuffled windows of ``window`` batches,
+        each sorted by length); otherwise file order.
+      sort_by_length: evaluation order: the whole split sorted by length, longest first, so each
+        batch pads little (the trainer puts outputs back in row order by ``index``).
       process_index / process_count: for the global example ``index`` of each row.
       groups: ``LengthGroup``s of fields with their own padded length (default: every sequence
         field is padded to the ``input_ids`` bucket).
@@ -117,8 +120,8 @@ class Batcher:
     def __init__(self, ds: datasets.Dataset, batch_size: int, max_length: int, buckets: Optional[list],
                  pad_id: int, seed: int = 0, shuffle: bool = False, group_by_length: bool = False,
                  window: int = 32, process_index: int = 0, process_count: int = 1,
-                 groups: Sequence[LengthGroup] = (), max_buckets: int = 4):
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+                 groups: Sequence[LengthGroup] = (), max_buckets: int = 4, sort_by_length: bool = False):
+        self.batch_size, self.seed, self.shuffle, self.sort_by_length = batch_size, seed, shuffle, sort_by_length
         self.group_by_length, self.window = group_by_length, window
         self.pad = dict(DEFAULT_PAD, input_ids=pad_id, decoder_input_ids=pad_id)
         self.rows = ds.with_format("arrow")  # ``rows[[i, j]]`` -> a pyarrow Table of those rows
@@ -161,6 +164,8 @@ class Batcher:
         """Row indices of each batch of an epoch; -1 marks a padding row."""
         n, bs = self.num_examples, self.batch_size
         order = np.arange(n)
+        if self.sort_by_length:
+            order = np.argsort(-self.lengths, kind="stable")
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(n)
