@@ -1,8 +1,10 @@
 """XLA:CPU vs PyTorch on the same shapes, and what XLA:CPU flags and thread settings change.
 
 The shapes are MiniLM-L6's at the classification benchmark's batch (32 rows x 64 tokens, hidden
-384, 12 heads, FFN 1536): the FFN matmul, attention (softmax(QK^T)V) forward + backward, and one
-whole BERT layer forward + backward. Each (framework, setting) runs in its own process; jax sides
+384, 12 heads, FFN 1536): the FFN matmul, the FFN's first Dense layer on ``[batch, tokens, hidden]``
+forward + backward, attention (softmax(QK^T)V) forward + backward, and one whole BERT layer forward
++ backward. The ``flat_dense`` setting runs the jax Dense layers on ``[rows, features]``
+(``ftjax.flat_dense``, what the trainer does on CPU). Each (framework, setting) runs in its own process; jax sides
 are jitted (compile excluded), PyTorch eager. Times are medians of ``--iters`` calls after warm-up,
 and the settings alternate ``--repeats`` times. Prints a table and writes
 benchmarks/results/kernels.json.
@@ -32,6 +34,8 @@ SETTINGS = {
     "jax default": ("jax", {}),
     "jax memory-optimized scheduler (ftjax CLI)": (
         "jax", {"XLA_FLAGS": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}),
+    "jax flat_dense + memory-optimized scheduler (ftjax train step on CPU)": (
+        "jax", {"XLA_FLAGS": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", "FTJAX_FLAT_DENSE": "1"}),
     "jax --xla_cpu_multi_thread_eigen=false": ("jax", {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}),
     "jax --xla_cpu_use_thunk_runtime=false": ("jax", {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"}),
     "jax --xla_cpu_enable_fast_math=true": ("jax", {"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}),
@@ -42,9 +46,15 @@ SETTINGS = {
 
 
 def child_jax(iters: int) -> dict:
+    import contextlib
+
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from transformers import BertConfig
+
+    from ftjax.flat_dense import flat_dense
+    context = flat_dense if os.environ.get("FTJAX_FLAT_DENSE") else contextlib.nullcontext
     from transformers.models.bert.modeling_flax_bert import FlaxBertLayer
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     x, w = jax.random.normal(k[0], (B * T, H)), jax.random.normal(k[1], (H, FF))
@@ -58,9 +68,21 @@ def child_jax(iters: int) -> dict:
     layer = FlaxBertLayer(BertConfig(hidden_size=H, num_attention_heads=NH, intermediate_size=FF))
     h, mask = jax.random.normal(k[0], (B, T, H)), jnp.ones((B, T))  # the layer broadcasts it itself
     params = layer.init(k[1], h, mask, None)
-    grad = jax.jit(jax.grad(lambda p, h: layer.apply(p, h, mask, None, deterministic=True)[0].sum()))
+
+    def layer_loss(p, h):
+        with context():
+            return layer.apply(p, h, mask, None, deterministic=True)[0].sum()
+    grad = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))
+    dense = nn.Dense(FF)
+    dense_params = dense.init(k[1], h)
+
+    def dense_loss(p, h):
+        with context():
+            return jax.nn.gelu(dense.apply(p, h)).sum()
+    dense_grad = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))
     block = jax.block_until_ready
     return {"matmul_ms": 1e3 * timed(lambda: block(matmul(x, w)), iters),
+            "dense_fwd_bwd_ms": 1e3 * timed(lambda: block(dense_grad(dense_params, h)), iters),
             "attention_fwd_bwd_ms": 1e3 * timed(lambda: block(attn(q, kk, v)), iters),
             "bert_layer_fwd_bwd_ms": 1e3 * timed(lambda: block(grad(params, h)), iters)}
 
@@ -78,14 +100,22 @@ def child_torch(iters: int) -> dict:
         (p @ v).sum().backward()
     layer = BertLayer(BertConfig(hidden_size=H, num_attention_heads=NH, intermediate_size=FF,
                                  attn_implementation="eager")).eval()
-    h, mask = torch.randn(B, T, H), torch.zeros(B, 1, 1, T)
+    h, mask = torch.randn(B, T, H, requires_grad=True), torch.zeros(B, 1, 1, T)
+    dense = torch.nn.Linear(H, FF)
+
+    def dense_step():
+        dense.zero_grad(set_to_none=True)
+        h.grad = None
+        torch.nn.functional.gelu(dense(h)).sum().backward()
 
     def layer_step():
         layer.zero_grad(set_to_none=True)
+        h.grad = None
         layer(h, attention_mask=mask)[0].sum().backward()
     with torch.no_grad():
         matmul_ms = 1e3 * timed(lambda: x @ w, iters)
-    return {"matmul_ms": matmul_ms, "attention_fwd_bwd_ms": 1e3 * timed(attn, iters),
+    return {"matmul_ms": matmul_ms, "dense_fwd_bwd_ms": 1e3 * timed(dense_step, iters),
+            "attention_fwd_bwd_ms": 1e3 * timed(attn, iters),
             "bert_layer_fwd_bwd_ms": 1e3 * timed(layer_step, iters), "torch_threads": torch.get_num_threads()}
 
 
@@ -114,7 +144,7 @@ def main() -> None:
     if args.quick:
         args.iters, args.repeats = 3, 1
     runs = alternate({name: (lambda i, name=name: run_setting(name, args.iters)) for name in SETTINGS}, args.repeats)
-    keys = ["matmul_ms", "attention_fwd_bwd_ms", "bert_layer_fwd_bwd_ms"]
+    keys = ["matmul_ms", "dense_fwd_bwd_ms", "attention_fwd_bwd_ms", "bert_layer_fwd_bwd_ms"]
     rows = []
     for name, rs in runs.items():
         row = {"setting": name}
