@@ -10,7 +10,9 @@ weights, and times (median of ``--calls`` calls after two warm-up calls):
   head), with the mean square of the hidden states as the loss.
 
 The difference between the last two is the LM head and the cross-entropy. No optimizer update is
-timed. Prints a table and writes benchmarks/results/clm_breakdown.json.
+timed. The JAX side runs twice: with ``flat_dense`` (Dense layers on ``[rows, features]``, what the
+trainer does on CPU: ``ftjax.flat_dense``) and without. Prints a table and writes
+benchmarks/results/clm_breakdown.json.
 
     .venv/bin/python benchmarks/clm_breakdown.py
 """
@@ -36,9 +38,12 @@ def ids(args):
 
 
 def jax_side(args) -> dict:
+    import contextlib
+
     import jax
     import jax.numpy as jnp
     from ftjax import models
+    from ftjax.flat_dense import flat_dense
     from ftjax.config import load_config
     from ftjax.tasks import get_task
     cfg = load_config(str(ROOT / "configs" / "clm-smollm2-lee.yaml"), ["mesh.data=1"])
@@ -50,13 +55,17 @@ def jax_side(args) -> dict:
     batch = {"input_ids": x, "attention_mask": jnp.ones_like(x), "weight": jnp.ones((args.batch,), jnp.float32)}
     positions = jnp.broadcast_to(jnp.arange(args.block), x.shape)
 
+    context = flat_dense if args.flat_dense else contextlib.nullcontext
+
     def loss(p):
-        total, count = task.loss(model, p, batch, None, False)
+        with context():
+            total, count = task.loss(model, p, batch, None, False)
         return total / count
 
     def layers(p):
-        hidden = model.module.apply({"params": p}, x, jnp.ones_like(x), positions,
-                                    method=lambda m, i, a, pos: m.model(i, a, pos)[0])
+        with context():
+            hidden = model.module.apply({"params": p}, x, jnp.ones_like(x), positions,
+                                        method=lambda m, i, a, pos: m.model(i, a, pos)[0])
         return (hidden ** 2).mean()
 
     out = {}
@@ -101,14 +110,17 @@ def main() -> None:
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--flat-dense", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         print(json.dumps(jax_side(args) if args.side == "jax" else torch_side(args)))
         return
     rows = []
-    for side, env in (("ftjax (XLA:CPU, jit)", {"USE_TORCH": "0"}), ("PyTorch (eager)", {"USE_TORCH": "1"})):
+    for side, env, extra in (("ftjax (XLA:CPU, jit, flat_dense: the trainer on CPU)", {"USE_TORCH": "0"}, ["--flat-dense"]),
+                             ("ftjax (XLA:CPU, jit, flat_dense off)", {"USE_TORCH": "0"}, []),
+                             ("PyTorch (eager)", {"USE_TORCH": "1"}, [])):
         argv = [sys.executable, __file__, "--side", "jax" if side.startswith("ftjax") else "torch",
-                "--batch", str(args.batch), "--block", str(args.block), "--calls", str(args.calls)]
+                "--batch", str(args.batch), "--block", str(args.block), "--calls", str(args.calls), *extra]
         proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
                               cwd=ROOT)
         if proc.returncode:
