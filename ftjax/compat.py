@@ -71,16 +71,19 @@ def clip(x, a_min=None, a_max=None, *, min=None, max=None):  # noqa: A002  (jnp.
     return jnp.clip(x, min=a_min if min is None else min, max=a_max if max is None else max)
 
 
-class _NumpyWithOldClip(types.ModuleType):
-    """Stands in for ``jax.numpy`` inside a patched module: every name is jax.numpy's except ``clip``."""
+class _NumpyWith(types.ModuleType):
+    """Stands in for ``jax.numpy`` inside a patched module: every name is jax.numpy's except the
+    shim's own functions given here."""
 
-    clip = staticmethod(clip)
+    def __init__(self, **functions):
+        super().__init__("jax.numpy")
+        self.__dict__.update(functions)
 
     def __getattr__(self, name):
         return getattr(jnp, name)
 
 
-_JNP = _NumpyWithOldClip("jax.numpy")
+_JNP = _NumpyWith(clip=clip)  # shim 1
 
 
 def expand_dims(a, axis):
@@ -91,16 +94,7 @@ def expand_dims(a, axis):
     return jnp.expand_dims(a, axis)
 
 
-class _NumpyWithSegmentMasks(types.ModuleType):
-    """Stands in for ``jax.numpy`` inside a ``SEGMENT_MASK_MODULES`` module: only ``expand_dims`` differs."""
-
-    expand_dims = staticmethod(expand_dims)
-
-    def __getattr__(self, name):
-        return getattr(jnp, name)
-
-
-_SEGMENT_JNP = _NumpyWithSegmentMasks("jax.numpy")
+_SEGMENT_JNP = _NumpyWith(expand_dims=expand_dims)  # shim 6, inside SEGMENT_MASK_MODULES
 
 
 def reshape(a, shape, *args, **kwargs):
@@ -112,16 +106,7 @@ def reshape(a, shape, *args, **kwargs):
     return jnp.reshape(a, shape, *args, **kwargs)
 
 
-class _NumpyWithSegmentReshape(types.ModuleType):
-    """Stands in for ``jax.numpy`` inside DistilBERT's module: only ``reshape`` differs (shim 8)."""
-
-    reshape = staticmethod(reshape)
-
-    def __getattr__(self, name):
-        return getattr(jnp, name)
-
-
-_RESHAPE_JNP = _NumpyWithSegmentReshape("jax.numpy")
+_RESHAPE_JNP = _NumpyWith(reshape=reshape)  # shim 8, inside DistilBERT's module
 DISTILBERT_MODULE = "transformers.models.distilbert.modeling_flax_distilbert"
 # model_type -> the transformers module whose self-attention builds the mask bias (shim 6).
 SEGMENT_MASK_MODULES = {
