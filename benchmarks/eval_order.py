@@ -12,7 +12,6 @@ are put back in row order). Writes benchmarks/results/eval_order.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, table  # noqa: E402
+from common import ROOT, machine, save, table  # noqa: E402
 
 
 def eval_pass(batch_size: int, sort: bool, eval_samples: int, passes: int) -> dict:
@@ -62,9 +61,8 @@ def main() -> None:
     for r in rows:
         r["seconds"], r["padding_efficiency"] = round(r["seconds"], 2), round(r["padding_efficiency"], 3)
     print(table(rows, ["batch_size", "order", "seconds", "padding_efficiency", "accuracy"]))
-    out = RESULTS / "eval_order.json"
-    out.write_text(json.dumps({"args": vars(args), "machine": machine(), "rows": rows,
-                               "command": "python benchmarks/eval_order.py " + " ".join(sys.argv[1:])}, indent=2))
+    out = save("eval_order", {"args": vars(args), "machine": machine(), "rows": rows,
+                              "command": "python benchmarks/eval_order.py " + " ".join(sys.argv[1:])})
     print(f"wrote {out}")
 
 

