@@ -344,6 +344,9 @@ class Trainer:
         check_writable(self.output_dir)
         lock = RunLock(self.output_dir).acquire() if self.is_main else None
         try:
+            # The others read output_dir once it holds the lock: before that, process 0's
+            # check_writable may still be making and removing it.
+            sync("ftjax: output_dir locked")
             return self._train()
         finally:
             if lock is not None:

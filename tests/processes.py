@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,21 +56,21 @@ def cli_env(devices: int = 1, **extra) -> dict:
     return dict(env, **extra)
 
 
-def start(args: list[str], env: dict, logs: Path, name: str) -> Child:
-    """``python -m ftjax.cli *args`` with its outputs in ``logs/<name>.out`` and ``.err``."""
+def start(args: list[str], env: dict, logs: Path, name: str, module: str = "ftjax.cli") -> Child:
+    """``python -m <module> *args`` with its outputs in ``logs/<name>.out`` and ``.err``."""
     logs.mkdir(parents=True, exist_ok=True)
     out, err = logs / f"{name}.out", logs / f"{name}.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "ftjax.cli", *args], env=env, stdout=o, stderr=e)
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=o, stderr=e)
     return Child(proc, out, err)
 
 
-def start_processes(n: int, args: list[str], env: dict, logs: Path) -> list[Child]:
+def start_processes(n: int, args: list[str], env: dict, logs: Path, module: str = "ftjax.cli") -> list[Child]:
     """``n`` processes of one multi-controller run (a fresh coordinator port); one process alone
     runs without the distributed runtime."""
     if n > 1:
         env = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(n))
-    return [start(args, dict(env, JAX_PROCESS_ID=str(i)), logs, f"process{i}") for i in range(n)]
+    return [start(args, dict(env, JAX_PROCESS_ID=str(i)), logs, f"process{i}", module) for i in range(n)]
 
 
 def wait_all(children: list[Child], timeout: float) -> list[Child]:
@@ -87,14 +88,27 @@ def wait_all(children: list[Child], timeout: float) -> list[Child]:
     return children
 
 
+_FATAL = re.compile(r"^([EF]\d{4} |Fatal Python error|\w*(Error|Exception): )")
+
+
+def report(err: str, chars: int = 2500) -> str:
+    """One child's stderr for a failure message: its error lines (absl ``E``/``F`` lines, Python's
+    fatal error and exceptions) wherever they are, then its end without the faulthandler's list of
+    extension modules, a line long enough to push everything else out of the tail."""
+    lines = [line for line in err.splitlines() if not line.startswith("Extension modules:")]
+    errors = [line[:500] for line in lines if _FATAL.match(line)]
+    return "\n".join(["errors:", *errors[-20:], "end:", "\n".join(lines)[-chars:]])
+
+
 def tails(children: list[Child], chars: int = 2500) -> str:
-    """The end of every child's stderr, one after the other (a collective failure shows on one
+    """The report of every child's stderr, one after the other (a collective failure shows on one
     process, its cause often on another)."""
-    return "\n".join(f"--- {c.stderr_path.stem} (exit {c.returncode}):\n{c.err[-chars:]}" for c in children)
+    return "\n".join(f"--- {c.stderr_path.stem} (exit {c.returncode}):\n{report(c.err, chars)}" for c in children)
 
 
-def run_processes(n: int, args: list[str], env: dict, logs: Path, timeout: float = 600) -> list[Child]:
+def run_processes(n: int, args: list[str], env: dict, logs: Path, timeout: float = 600,
+                  module: str = "ftjax.cli") -> list[Child]:
     """Starts ``n`` processes, waits for all and asserts that each exited 0."""
-    children = wait_all(start_processes(n, args, env, logs), timeout)
+    children = wait_all(start_processes(n, args, env, logs, module), timeout)
     assert all(c.returncode == 0 for c in children), tails(children)
     return children

@@ -107,7 +107,7 @@ def test_existing_output_dir_needs_overwrite(tiny_model, sentiment_csv, tmp_path
 def test_a_second_run_loads_its_compiled_steps_from_the_cache(tiny_model, sentiment_csv, tmp_path):
     """The CLI turns on JAX's persistent compilation cache in $FTJAX_CACHE/xla: the same run again
     (another output_dir) compiles nothing that the first one wrote, and results.json says so."""
-    from processes import cli_env, start, wait_all
+    from processes import cli_env, report, start, wait_all
     env = cli_env(FTJAX_CACHE=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     config, counts = tmp_path / "classification.yaml", []
@@ -115,7 +115,7 @@ def test_a_second_run_loads_its_compiled_steps_from_the_cache(tiny_model, sentim
     for name in ("first", "second"):
         over = tiny_overrides(tiny_model, sentiment_csv, tmp_path / name, **{"training.max_steps": 2})
         child, = wait_all([start(["train", str(config), *over], env, tmp_path / "logs", name)], 300)
-        assert child.returncode == 0, child.err[-3000:]
+        assert child.returncode == 0, report(child.err)
         counts.append(json.loads((tmp_path / name / "results.json").read_text())["train"]["compilation_cache"])
     assert counts[0]["misses"] >= 2, counts  # a train and an eval step at least
     # (a first run may hit too: a program it compiles twice, as in another jit wrapper)

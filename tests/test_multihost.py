@@ -110,3 +110,18 @@ def test_two_processes_match_one_process(family, tmp_path, tiny_model, tiny_bart
     assert children[1].stdout_path.stat().st_mtime_ns >= (tmp_path / "two" / "results.json").stat().st_mtime_ns
     assert (tmp_path / "two" / "checkpoints" / "4").is_dir()
     assert (tmp_path / "two" / "export" / "flax_model.msgpack").is_file()
+
+
+def test_other_processes_read_output_dir_after_process_0_locked_it(tmp_path, tiny_model):
+    """Process 0's check_writable makes and removes output_dir when it is new; a process that read
+    the folder meanwhile found it gone (FileNotFoundError, seen in CI). Every other process now waits
+    for process 0's lock, even when process 0 is slow to take it (tests/slow_lock_cli.py)."""
+    config = tmp_path / "config.yaml"
+    config.write_text("task: classification\n")
+    overrides = tiny_overrides(tiny_model, str(write_sentiment_csv(tmp_path / "reviews.csv", n=40)),
+                               tmp_path / "new" / "run", **{"training.max_steps": 1, "training.eval_strategy": "no",
+                                                           "training.save_strategy": "no", "mesh.data": -1})
+    env = cli_env(1, PYTHONPATH=str(Path(__file__).parent))
+    children = run_processes(2, ["train", str(config), *overrides], env, tmp_path / "logs", module="slow_lock_cli")
+    assert all(c.returncode == 0 for c in children)
+    assert (tmp_path / "new" / "run" / "results.json").is_file()
