@@ -2,8 +2,9 @@
 
 The shapes are MiniLM-L6's at the classification benchmark's batch (32 rows x 64 tokens, hidden
 384, 12 heads, FFN 1536): the FFN matmul, the FFN's first Dense layer on ``[batch, tokens, hidden]``
-forward + backward, attention (softmax(QK^T)V) forward + backward, and one whole BERT layer forward
-+ backward. The ``flat_dense`` setting runs the jax Dense layers on ``[rows, features]``
+forward + backward, attention (softmax(QK^T)V) forward + backward, one whole BERT layer forward +
+backward, and one GPT-2 block (the same widths; its projections are ``FlaxConv1D``) forward +
+backward. The ``flat_dense`` setting runs the jax Dense layers on ``[rows, features]``
 (``ftjax.flat_dense``, what the trainer does on CPU). Each (framework, setting) runs in its own process; jax sides
 are jitted (compile excluded), PyTorch eager. Times are medians of ``--iters`` calls after warm-up,
 and the settings alternate ``--repeats`` times. Prints a table and writes
@@ -51,8 +52,9 @@ def child_jax(iters: int) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from transformers import BertConfig
+    from transformers import BertConfig, GPT2Config
     from transformers.models.bert.modeling_flax_bert import FlaxBertLayer
+    from transformers.models.gpt2.modeling_flax_gpt2 import FlaxGPT2Block
 
     from ftjax.flat_dense import flat_dense
     context = flat_dense if os.environ.get("FTJAX_FLAT_DENSE") else contextlib.nullcontext
@@ -73,6 +75,13 @@ def child_jax(iters: int) -> dict:
         with context():
             return layer.apply(p, h, mask, None, deterministic=True)[0].sum()
     grad = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))
+    gpt2 = FlaxGPT2Block(GPT2Config(n_embd=H, n_head=NH, n_inner=FF, n_positions=T))
+    gpt2_params = gpt2.init(k[1], h, mask)
+
+    def gpt2_loss(p, h):
+        with context():
+            return gpt2.apply(p, h, mask, deterministic=True)[0].sum()
+    gpt2_grad = jax.jit(jax.grad(gpt2_loss, argnums=(0, 1)))
     dense = nn.Dense(FF)
     dense_params = dense.init(k[1], h)
 
@@ -84,13 +93,15 @@ def child_jax(iters: int) -> dict:
     return {"matmul_ms": 1e3 * timed(lambda: block(matmul(x, w)), iters),
             "dense_fwd_bwd_ms": 1e3 * timed(lambda: block(dense_grad(dense_params, h)), iters),
             "attention_fwd_bwd_ms": 1e3 * timed(lambda: block(attn(q, kk, v)), iters),
-            "bert_layer_fwd_bwd_ms": 1e3 * timed(lambda: block(grad(params, h)), iters)}
+            "bert_layer_fwd_bwd_ms": 1e3 * timed(lambda: block(grad(params, h)), iters),
+            "gpt2_block_fwd_bwd_ms": 1e3 * timed(lambda: block(gpt2_grad(gpt2_params, h)), iters)}
 
 
 def child_torch(iters: int) -> dict:
     import torch
-    from transformers import BertConfig
+    from transformers import BertConfig, GPT2Config
     from transformers.models.bert.modeling_bert import BertLayer
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
     torch.manual_seed(0)
     x, w = torch.randn(B * T, H), torch.randn(H, FF)
     q, k, v = (torch.randn(B, NH, T, H // NH, requires_grad=True) for _ in range(3))
@@ -101,6 +112,7 @@ def child_torch(iters: int) -> dict:
     layer = BertLayer(BertConfig(hidden_size=H, num_attention_heads=NH, intermediate_size=FF,
                                  attn_implementation="eager")).eval()
     h, mask = torch.randn(B, T, H, requires_grad=True), torch.zeros(B, 1, 1, T)
+    gpt2 = GPT2Block(GPT2Config(n_embd=H, n_head=NH, n_inner=FF, n_positions=T, attn_implementation="eager")).eval()
     dense = torch.nn.Linear(H, FF)
 
     def dense_step():
@@ -112,11 +124,17 @@ def child_torch(iters: int) -> dict:
         layer.zero_grad(set_to_none=True)
         h.grad = None
         layer(h, attention_mask=mask)[0].sum().backward()
+
+    def gpt2_step():
+        gpt2.zero_grad(set_to_none=True)
+        h.grad = None
+        gpt2(h)[0].sum().backward()
     with torch.no_grad():
         matmul_ms = 1e3 * timed(lambda: x @ w, iters)
     return {"matmul_ms": matmul_ms, "dense_fwd_bwd_ms": 1e3 * timed(dense_step, iters),
             "attention_fwd_bwd_ms": 1e3 * timed(attn, iters),
-            "bert_layer_fwd_bwd_ms": 1e3 * timed(layer_step, iters), "torch_threads": torch.get_num_threads()}
+            "bert_layer_fwd_bwd_ms": 1e3 * timed(layer_step, iters),
+            "gpt2_block_fwd_bwd_ms": 1e3 * timed(gpt2_step, iters), "torch_threads": torch.get_num_threads()}
 
 
 def run_setting(name: str, iters: int) -> dict:
@@ -144,7 +162,7 @@ def main() -> None:
     if args.quick:
         args.iters, args.repeats = 3, 1
     runs = alternate({name: (lambda i, name=name: run_setting(name, args.iters)) for name in SETTINGS}, args.repeats)
-    keys = ["matmul_ms", "dense_fwd_bwd_ms", "attention_fwd_bwd_ms", "bert_layer_fwd_bwd_ms"]
+    keys = ["matmul_ms", "dense_fwd_bwd_ms", "attention_fwd_bwd_ms", "bert_layer_fwd_bwd_ms", "gpt2_block_fwd_bwd_ms"]
     rows = []
     for name, rs in runs.items():
         row = {"setting": name}

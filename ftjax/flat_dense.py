@@ -10,22 +10,30 @@ products summed in the same order, equal to float rounding (tested).
 
 ``flat_dense()`` is a flax method interceptor that does that reshape around every ``nn.Dense`` call,
 so it reaches the Dense layers inside transformers' Flax classes (BERT family, Llama, Mistral, Gemma,
-BART, T5...) and a ``model.flax_module`` linen model without touching their code. The trainer turns it
-on for the train and evaluation steps (``training.flat_dense``; null: on where the backend is CPU).
-GPT-2's ``FlaxConv1D`` and ``nn.DenseGeneral`` are not rewritten.
+BART, T5...), GPT-2's ``FlaxConv1D`` and a ``model.flax_module`` linen model without touching their
+code. The trainer turns it on for the train and evaluation steps (``training.flat_dense``; null: on
+where the backend is CPU). ``nn.DenseGeneral`` is not rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import flax.linen as nn
 import jax
 
 
+def _row_wise_types() -> tuple[type, ...]:
+    """``nn.Dense``, and GPT-2's ``FlaxConv1D`` (the same contraction with a transposed kernel) once
+    transformers' GPT-2 module is imported: no GPT-2 layer can exist before that."""
+    gpt2 = sys.modules.get("transformers.models.gpt2.modeling_flax_gpt2")
+    return (nn.Dense, gpt2.FlaxConv1D) if gpt2 is not None else (nn.Dense,)
+
+
 def _flatten_dense_input(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.Dense) and context.method_name == "__call__" and args \
+    if isinstance(context.module, _row_wise_types()) and context.method_name == "__call__" and args \
             and getattr(args[0], "ndim", 0) > 2:
         x = args[0]
         y = next_fun(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)

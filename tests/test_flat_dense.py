@@ -48,7 +48,7 @@ def _loss_and_grads(model, context):
     return jax.jit(jax.value_and_grad(loss))(*args), _dense_lhs_ranks(jax.make_jaxpr(loss)(*args))
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_flat_dense_same_loss_and_gradients_with_2d_dense_inputs(family):
     model = tiny_family(family)
     (loss, grads), ranks = _loss_and_grads(model, contextlib.nullcontext)
