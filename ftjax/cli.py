@@ -136,6 +136,13 @@ def train_script(default_config: str, argv: list[str] | None = None) -> int:
     return main(["train", *argv])
 
 
+def _leave_now_on_failure(code: int, print_traceback: bool = False) -> None:
+    """``distributed.leave_now_on_failure`` where the command got as far as importing it (the
+    tokenizer and compare commands never start jax)."""
+    if "ftjax.distributed" in sys.modules:
+        sys.modules["ftjax.distributed"].leave_now_on_failure(code, print_traceback)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             result = cmd_predict(cfg, args.model, args.input, args.output)
     except FtjaxError as e:
         print(f"ftjax: error: {e}", file=sys.stderr)
+        _leave_now_on_failure(2)
         return 2
+    except Exception:
+        _leave_now_on_failure(1, print_traceback=True)
+        raise
     code = result.pop("exit_code", 0)  # training.preemption_exit_code after a SIGTERM save
     if _headline(result):
         print(_headline(result), file=sys.stderr)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import traceback
 
 import jax
 
@@ -37,3 +40,20 @@ def sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def leave_now_on_failure(code: int, print_traceback: bool = False) -> None:
+    """Ends this process at once with ``code`` when it is one of several (nothing to do with one).
+
+    A failed process that exits normally waits at JAX's shutdown barrier for the others, which
+    wait for it in their next collective: every process hangs for the barrier's 5 minutes, then
+    aborts. Leaving at once makes the others fail within seconds instead (their collective loses
+    its peer, or the coordination service on process 0 goes). Called from an ``except`` block;
+    ``print_traceback`` prints the exception being handled, which the normal exit would have."""
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        if print_traceback:
+            traceback.print_exc()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

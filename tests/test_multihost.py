@@ -6,6 +6,7 @@ NER words is global) and feeds its strided rows; outputs are gathered by global 
 metrics, so evaluation is the same on every process; process 0 writes the logs."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from conftest import tiny_overrides, write_sentiment_csv
 from ftjax.data.squad import cloze_qa
 from ftjax.paths import resolve_path
-from processes import cli_env, run_processes
+from processes import cli_env, run_processes, start_processes, tails, wait_all
 
 LEE = "pkg://gensim/test/test_data/lee_background.cor"
 WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -112,16 +113,36 @@ def test_two_processes_match_one_process(family, tmp_path, tiny_model, tiny_bart
     assert (tmp_path / "two" / "export" / "flax_model.msgpack").is_file()
 
 
-def test_other_processes_read_output_dir_after_process_0_locked_it(tmp_path, tiny_model):
-    """Process 0's check_writable makes and removes output_dir when it is new; a process that read
-    the folder meanwhile found it gone (FileNotFoundError, seen in CI). Every other process now waits
-    for process 0's lock, even when process 0 is slow to take it (tests/slow_lock_cli.py)."""
+def _two_process_run(tmp_path, tiny_model, **fault):
+    """A tiny classification run as 2 processes of tests/patched_cli.py with ``fault`` in their
+    environment; the children, once both ended."""
     config = tmp_path / "config.yaml"
     config.write_text("task: classification\n")
     overrides = tiny_overrides(tiny_model, str(write_sentiment_csv(tmp_path / "reviews.csv", n=40)),
                                tmp_path / "new" / "run", **{"training.max_steps": 1, "training.eval_strategy": "no",
                                                            "training.save_strategy": "no", "mesh.data": -1})
-    env = cli_env(1, PYTHONPATH=str(Path(__file__).parent))
-    children = run_processes(2, ["train", str(config), *overrides], env, tmp_path / "logs", module="slow_lock_cli")
-    assert all(c.returncode == 0 for c in children)
+    env = cli_env(1, PYTHONPATH=str(Path(__file__).parent), **fault)
+    return wait_all(start_processes(2, ["train", str(config), *overrides], env, tmp_path / "logs",
+                                    module="patched_cli"), 600)
+
+
+def test_other_processes_read_output_dir_after_process_0_locked_it(tmp_path, tiny_model):
+    """Process 0's check_writable makes and removes output_dir when it is new; a process that read
+    the folder meanwhile found it gone (FileNotFoundError, seen in CI). Every other process now waits
+    for process 0's lock, even when process 0 is slow to take it."""
+    children = _two_process_run(tmp_path, tiny_model, FTJAX_TEST_SLOW_LOCK="1")
+    assert [c.returncode for c in children] == [0, 0], tails(children)
     assert (tmp_path / "new" / "run" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_process_ends_the_run_on_every_process_within_a_minute(tmp_path, tiny_model, failing):
+    """An exception on one process used to leave every process waiting 5 minutes (the others in a
+    collective, the failed one at JAX's shutdown barrier) before all aborted. The failed process now
+    prints its traceback and leaves at once; the others fail soon after."""
+    started = time.monotonic()
+    children = _two_process_run(tmp_path, tiny_model, FTJAX_TEST_FAIL_PROCESS=str(failing))
+    elapsed = time.monotonic() - started
+    assert all(c.returncode != 0 for c in children) and children[failing].returncode == 1, tails(children)
+    assert f"RuntimeError: a fault injected into process {failing}" in children[failing].err
+    assert elapsed < 120, f"{elapsed:.0f}s\n{tails(children)}"
