@@ -4,7 +4,11 @@ devices, mesh.fsdp=8), pretrained weights loaded without a random init, gradient
 import collections
 import contextlib
 import json
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,7 @@ from ftjax.errors import FtjaxError
 from ftjax.paths import resolve_path
 from ftjax.sharding import bytes_per_device, tree_shardings
 from ftjax.trainer import Trainer
+from processes import cli_env
 
 
 def _per_device(tree) -> dict:
@@ -152,18 +157,41 @@ def test_gradient_checkpointing_same_gradients_less_memory(family, policy):
     assert temp_r < 0.6 * temp, (temp_r, temp)
 
 
-def test_trainer_keeps_gradient_checkpointing_on_cpu(tiny_model, sentiment_csv, tmp_path):
-    """XLA:CPU would merge the recomputation back into the forward pass: the trainer compiles its
-    train step with remat.KEEP_REMAT_ON_CPU when gradient checkpointing is on, so it saves memory here too."""
+def _step_temps(tiny_model, sentiment_csv, out) -> dict[str, int]:
+    """XLA's temporary bytes of the trainer's train step (32 x 128), gradient checkpointing off and on."""
     temps = {}
     for on in ("false", "true"):
-        trainer = Trainer(load_config(None, tiny_overrides(tiny_model, sentiment_csv, tmp_path / on, **{
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model, str(sentiment_csv), f"{out}/{on}", **{
             "training.gradient_checkpointing": on, "model.max_length": 128, "data.bucket_lengths": "[128]",
             "training.per_device_train_batch_size": 32})))
         trainer.init_state(total_steps=1)
         batch = next(iter(trainer._device_batches(trainer.batcher("train"), 0, 0, 1)))
         temps[on] = trainer.train_step.lower(trainer.state, batch).compile().memory_analysis().temp_size_in_bytes
+    return temps
+
+
+def test_trainer_keeps_gradient_checkpointing_on_cpu(tiny_model, sentiment_csv, tmp_path):
+    """XLA:CPU would merge the recomputation back into the forward pass: the trainer compiles its
+    train step with remat.KEEP_REMAT_ON_CPU when gradient checkpointing is on, so it saves memory here
+    too. The CLI also turns on XLA:CPU's memory-optimized scheduler for the whole process
+    (``runtime.configure_process``), which undid much of the saving on a remat step (MiniLM 32 x 128:
+    444 -> 1110 MiB of temporaries); the remat step keeps the default scheduler, so a process set up
+    like the CLI's (a child here) compiles it with the same temporaries as this one."""
+    temps = _step_temps(tiny_model, sentiment_csv, tmp_path / "here")
     assert temps["true"] < 0.7 * temps["false"], temps
+    code = textwrap.dedent(f"""
+        import json
+        from ftjax.runtime import configure_process
+        configure_process()
+        from test_large_models import _step_temps
+        print(json.dumps(_step_temps({tiny_model!r}, {str(sentiment_csv)!r}, {str(tmp_path / "cli")!r})))
+    """)
+    env = dict(cli_env(1), PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli_temps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cli_temps["false"] < temps["false"]  # the scheduler is on in the child: it lowers the plain step's
+    assert cli_temps["true"] <= 1.02 * temps["true"], (cli_temps, temps)
 
 
 # ---------------------------------------------------------------- ftjax plan
