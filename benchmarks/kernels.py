@@ -155,13 +155,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--child", choices=["jax", "torch"])
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), metavar="SETTING",
+                   help="run only these settings (default: all of them)")
+    p.add_argument("--out", default="kernels", help="benchmarks/results/OUT.json")
     args = p.parse_args()
     if args.child:
         print(json.dumps(child_jax(args.iters) if args.child == "jax" else child_torch(args.iters)))
         return
     if args.quick:
         args.iters, args.repeats = 3, 1
-    runs = alternate({name: (lambda i, name=name: run_setting(name, args.iters)) for name in SETTINGS}, args.repeats)
+    runs = alternate({name: (lambda i, name=name: run_setting(name, args.iters)) for name in args.settings or SETTINGS},
+                     args.repeats)
     keys = ["matmul_ms", "dense_fwd_bwd_ms", "attention_fwd_bwd_ms", "bert_layer_fwd_bwd_ms", "gpt2_block_fwd_bwd_ms"]
     rows = []
     for name, rs in runs.items():
@@ -172,7 +176,7 @@ def main() -> None:
         row["load (1 min)"] = f"{statistics.median(r['loadavg_1min'] for r in rs):.1f}"
         rows.append(row)
     print(table(rows, ["setting", *keys, "load (1 min)"]))
-    out = save("kernels", {"shapes": {"batch": B, "tokens": T, "hidden": H, "heads": NH, "ffn": FF},
+    out = save(args.out, {"shapes": {"batch": B, "tokens": T, "hidden": H, "heads": NH, "ffn": FF},
                            "args": vars(args), "machine": machine(), "runs": runs, "table": rows,
                            "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:])})
     print(f"wrote {out}")
