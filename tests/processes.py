@@ -106,9 +106,8 @@ def tails(children: list[Child], chars: int = 2500) -> str:
     return "\n".join(f"--- {c.stderr_path.stem} (exit {c.returncode}):\n{report(c.err, chars)}" for c in children)
 
 
-def run_processes(n: int, args: list[str], env: dict, logs: Path, timeout: float = 600,
-                  module: str = "ftjax.cli") -> list[Child]:
+def run_processes(n: int, args: list[str], env: dict, logs: Path, timeout: float = 600) -> list[Child]:
     """Starts ``n`` processes, waits for all and asserts that each exited 0."""
-    children = wait_all(start_processes(n, args, env, logs, module), timeout)
+    children = wait_all(start_processes(n, args, env, logs), timeout)
     assert all(c.returncode == 0 for c in children), tails(children)
     return children
