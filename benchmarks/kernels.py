@@ -69,26 +69,19 @@ def child_jax(iters: int) -> dict:
     attn = jax.jit(jax.grad(attention, argnums=(0, 1, 2)))
     layer = FlaxBertLayer(BertConfig(hidden_size=H, num_attention_heads=NH, intermediate_size=FF))
     h, mask = jax.random.normal(k[0], (B, T, H)), jnp.ones((B, T))  # the layer broadcasts it itself
-    params = layer.init(k[1], h, mask, None)
-
-    def layer_loss(p, h):
-        with context():
-            return layer.apply(p, h, mask, None, deterministic=True)[0].sum()
-    grad = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))
     gpt2 = FlaxGPT2Block(GPT2Config(n_embd=H, n_head=NH, n_inner=FF, n_positions=T))
-    gpt2_params = gpt2.init(k[1], h, mask)
-
-    def gpt2_loss(p, h):
-        with context():
-            return gpt2.apply(p, h, mask, deterministic=True)[0].sum()
-    gpt2_grad = jax.jit(jax.grad(gpt2_loss, argnums=(0, 1)))
     dense = nn.Dense(FF)
-    dense_params = dense.init(k[1], h)
+    params, gpt2_params, dense_params = layer.init(k[1], h, mask, None), gpt2.init(k[1], h, mask), dense.init(k[1], h)
 
-    def dense_loss(p, h):
-        with context():
-            return jax.nn.gelu(dense.apply(p, h)).sum()
-    dense_grad = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))
+    def fwd_bwd(forward):
+        """The jitted gradient, parameters and input, of ``forward(params, h).sum()``."""
+        def loss(p, h):
+            with context():
+                return forward(p, h).sum()
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    grad = fwd_bwd(lambda p, h: layer.apply(p, h, mask, None, deterministic=True)[0])
+    gpt2_grad = fwd_bwd(lambda p, h: gpt2.apply(p, h, mask, deterministic=True)[0])
+    dense_grad = fwd_bwd(lambda p, h: jax.nn.gelu(dense.apply(p, h)))
     block = jax.block_until_ready
     return {"matmul_ms": 1e3 * timed(lambda: block(matmul(x, w)), iters),
             "dense_fwd_bwd_ms": 1e3 * timed(lambda: block(dense_grad(dense_params, h)), iters),
@@ -115,20 +108,16 @@ def child_torch(iters: int) -> dict:
     gpt2 = GPT2Block(GPT2Config(n_embd=H, n_head=NH, n_inner=FF, n_positions=T, attn_implementation="eager")).eval()
     dense = torch.nn.Linear(H, FF)
 
-    def dense_step():
-        dense.zero_grad(set_to_none=True)
-        h.grad = None
-        torch.nn.functional.gelu(dense(h)).sum().backward()
-
-    def layer_step():
-        layer.zero_grad(set_to_none=True)
-        h.grad = None
-        layer(h, attention_mask=mask)[0].sum().backward()
-
-    def gpt2_step():
-        gpt2.zero_grad(set_to_none=True)
-        h.grad = None
-        gpt2(h)[0].sum().backward()
+    def fwd_bwd(module, forward):
+        """One forward + backward of ``forward().sum()``, gradients of ``module`` and ``h`` cleared first."""
+        def step():
+            module.zero_grad(set_to_none=True)
+            h.grad = None
+            forward().sum().backward()
+        return step
+    dense_step = fwd_bwd(dense, lambda: torch.nn.functional.gelu(dense(h)))
+    layer_step = fwd_bwd(layer, lambda: layer(h, attention_mask=mask)[0])
+    gpt2_step = fwd_bwd(gpt2, lambda: gpt2(h)[0])
     with torch.no_grad():
         matmul_ms = 1e3 * timed(lambda: x @ w, iters)
     return {"matmul_ms": matmul_ms, "dense_fwd_bwd_ms": 1e3 * timed(dense_step, iters),
