@@ -14,7 +14,8 @@ Sections (each measurement in its own child process, so peak RSS is that measure
   check that each device holds <= 1/8 of the parameter bytes + 5%.
 * ``remat``: MiniLM classification (32 x 128) and SmolLM2 CLM (4 x 512) on one device: XLA's
   temporary bytes and the measured step time, gradient checkpointing off and per policy. Compiled
-  with ``remat.KEEP_REMAT_ON_CPU`` so that the recomputation XLA:CPU would otherwise remove stays.
+  as the trainer does (``remat.step_compiler_options``): the recomputation XLA:CPU would otherwise
+  remove stays.
 * ``mfu``: this CPU's float32 matmul peak (best of a few 2048^3 dots), and the MFU of the
   gradient-checkpointing-off steps above against it (XLA's FLOPs of the step / step time / peak).
 * ``plan``: ``ftjax plan`` for SmolLM2 and the big Llama under data / fsdp / tensor meshes of 8
@@ -127,10 +128,10 @@ def _step_overrides(kind: str, out: str, clm_batch: int = 4) -> tuple[str, list[
 
 
 def child_step(spec: dict) -> dict:
-    """One device: the trainer's train step compiled (KEEP_REMAT_ON_CPU when remat is on), XLA's
-    temporary bytes and FLOPs, the median time of ``spec["steps"]`` steps after one warm-up."""
+    """One device: the trainer's train step, compiled as the trainer compiles it
+    (``remat.step_compiler_options``), XLA's temporary bytes and FLOPs, the median time of
+    ``spec["steps"]`` steps after one warm-up."""
     import jax
-    from ftjax import remat
     from ftjax.config import load_config
     from ftjax.flops import compiled_flops
     from ftjax.trainer import Trainer
@@ -142,8 +143,7 @@ def child_step(spec: dict) -> dict:
     trainer = Trainer(load_config(config, overrides), mesh=None)
     trainer.init_state(total_steps=100)
     batch = next(iter(trainer._device_batches(trainer.batcher("train"), 0, 0, 1, train=True)))
-    options = remat.KEEP_REMAT_ON_CPU if spec["policy"] != "off" else None
-    compiled = trainer.train_step.lower(trainer.state, batch).compile(compiler_options=options)
+    compiled = trainer.train_step.lower(trainer.state, batch).compile()  # the trainer's compiler options
     state, times = trainer.state, []
     for i in range(spec["steps"] + 1):
         started = time.perf_counter()

@@ -10,10 +10,10 @@ XLA's own accounting is read: ``memory_analysis`` (per-device arguments, outputs
 
 No checkpoint is read, except for BERT2BERT (``FlaxEncoderDecoderModel`` cannot be built without
 weights in transformers 4.57: see ``ftjax.models.BUILT_WHOLE``). The numbers are those of the local
-backend. On CPU the step is compiled with
-``remat.KEEP_REMAT_ON_CPU`` so gradient checkpointing shows the saving a GPU or TPU gets; fusion and
-layouts still differ between backends, so plan on the accelerator kind you will train on when the
-margin is thin.
+backend. The step is compiled as the trainer compiles it (``remat.step_compiler_options``: on CPU,
+a checkpointed step keeps its recomputation, the saving a GPU or TPU gets); fusion and layouts
+still differ between backends, so plan on the accelerator kind you will train on when the margin is
+thin.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def plan(config: Config, device_memory: Optional[int] = None) -> dict[str, Any]:
     step = jax.jit(make_train_step(Trainer.loss_fn(task, model, args), tx, accum),
                    in_shardings=(shardings, S.batch_sharding(mesh, 1 if accum > 1 else 0)),
                    out_shardings=(shardings, replicated), donate_argnums=0)
-    options = remat.KEEP_REMAT_ON_CPU if jax.default_backend() == "cpu" else None
+    options = remat.step_compiler_options(args.gradient_checkpointing)
     compiled = step.lower(state, batch).compile(compiler_options=options)
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -38,6 +38,13 @@ KEEP_REMAT_ON_CPU = {"xla_disable_hlo_passes": "cse_barrier_expander",
                      "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}
 
 
+def step_compiler_options(gradient_checkpointing: bool) -> Optional[dict]:
+    """The ``compiler_options`` of a train step: ``KEEP_REMAT_ON_CPU`` for a checkpointed step on
+    the CPU backend, else none (the process's own XLA flags). The trainer and ``ftjax plan`` both
+    use it, so a plan compiles what training runs."""
+    return KEEP_REMAT_ON_CPU if gradient_checkpointing and jax.default_backend() == "cpu" else None
+
+
 def policy(name: Optional[str]) -> Optional[Callable]:
     """``jax.checkpoint_policies.<name>``; None is JAX's default (save nothing, like transformers)."""
     if name is None:

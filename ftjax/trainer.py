@@ -249,14 +249,12 @@ class Trainer:
         if not resuming:  # (resuming: dropped once a checkpoint is restored; a fresh start needs them)
             self.model._params = None  # the state owns the parameters now
         accum = self.args.gradient_accumulation_steps
-        # On CPU, XLA would merge the recomputation back into the forward pass (remat.KEEP_REMAT_ON_CPU)
-        keep_remat = self.args.gradient_checkpointing and jax.default_backend() == "cpu"
         self.train_step = jax.jit(
             make_train_step(self.loss_fn(self.task, self.model, self.args, self.adaptation), self.tx, accum),
             in_shardings=(self.state_shardings, S.batch_sharding(self.mesh, 1 if accum > 1 else 0),
                           *((self.param_shardings(self.frozen),) if self.adaptation else ())),
             out_shardings=(self.state_shardings, replicated), donate_argnums=0,
-            compiler_options=remat.KEEP_REMAT_ON_CPU if keep_remat else None)
+            compiler_options=remat.step_compiler_options(self.args.gradient_checkpointing))
 
     def params(self):
         """The full parameters the model runs with (under LoRA: merged, in a jitted function)."""
