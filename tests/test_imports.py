@@ -89,6 +89,22 @@ def test_training_code_leaves_torch_out(module):
     assert out["ftjax_finders"] == []
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed: nothing to keep out")
+def test_tensorboard_logging_leaves_torch_and_metric_libraries_out(tmp_path):
+    """tensorboardX imports torch when it is installed (~180 MB of RSS in a training process);
+    scipy.stats / sklearn.metrics wait for the first evaluation. torch stays importable afterwards."""
+    out = _run("import json, sys\nfrom pathlib import Path\nimport ftjax.trainer\n"
+               "from ftjax.reporting import RunLogger\n"
+               f"log = RunLogger(Path({str(tmp_path)!r}), ['tensorboard'])\n"
+               "log.log(1, {'train/loss': 0.5})\nlog.tb.close()\n"
+               "held = sorted(m for m in ('torch', 'scipy.stats', 'sklearn.metrics') if m in sys.modules)\n"
+               "import torch\n"
+               "print(json.dumps({'held': held, 'torch': torch.ones(2).sum().item()}))")
+    assert out == {"held": [], "torch": 2.0}
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert b"train/loss" in events.read_bytes()
+
+
 def test_shims_are_installed_by_the_code_that_loads_models():
     out = _run("import json, sys, ftjax.models\n"
                "from ftjax.config import ModelConfig\n"
