@@ -55,7 +55,8 @@ def cmd_train(cfg) -> dict:
 def cmd_plan(cfg, device_memory: str | None, json_path: str | None) -> dict:
     """Prints the plan's table; writes it as JSON when asked; fails (exit 2) when it does not fit."""
     from ftjax import plan
-    result = plan.plan(cfg, plan.parse_bytes(device_memory) if device_memory else None)
+    from ftjax.memory import parse_bytes
+    result = plan.plan(cfg, parse_bytes(device_memory) if device_memory else None)
     print(plan.table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))

@@ -28,6 +28,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ftjax.errors import FtjaxError
+from ftjax.memory import parse_bytes
 
 Strategy = Literal["no", "steps", "epoch"]
 MeshAxis = Literal["data", "fsdp", "tensor"]
@@ -143,6 +144,12 @@ class TrainingConfig:
     max_steps: int = -1
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
+    # Evaluate at the largest per-device batch (per_device_eval_batch_size doubled, at most 1024)
+    # whose compiled evaluation step fits in 90% of device_memory beside the training state
+    # (Trainer.fit_eval_rows). device_memory: one device's memory, e.g. 16GiB; null: what the device
+    # reports (GPU, TPU). CPU reports none: there the configured size is kept unless it is set.
+    auto_eval_batch_size: bool = False
+    device_memory: Optional[str] = None
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
@@ -457,6 +464,8 @@ def validate(config: Config) -> None:
                 "logging_steps"):
         if getattr(t, key) < 1:
             raise FtjaxError(f"training.{key} must be >= 1, got {getattr(t, key)}")
+    if t.device_memory is not None:
+        parse_bytes(t.device_memory, "training.device_memory")
     if t.max_steps <= 0 and not t.num_train_epochs > 0:
         raise FtjaxError(f"training.num_train_epochs must be > 0 (got {t.num_train_epochs}), "
                          "or set training.max_steps to a positive number of steps")

@@ -18,7 +18,6 @@ thin.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 import datasets
@@ -32,31 +31,10 @@ from ftjax.config import Config
 from ftjax.data.batching import Batcher
 from ftjax.data.loading import load_splits, subsample
 from ftjax.errors import FtjaxError
+from ftjax.memory import human, step_peak_bytes
 from ftjax.optim import make_optimizer
 from ftjax.step import TrainState, make_train_step
 from ftjax.tasks import Task, get_task
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-
-
-def parse_bytes(text: str) -> int:
-    """``16GiB`` / ``16G`` (binary), ``16GB`` (decimal), ``512MiB``, ``1e9`` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not match or match.group(2) not in _UNITS:
-        raise FtjaxError(f"--device-memory: cannot read {text!r} as a size (e.g. 16GiB, 80GB, 512MiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def human(n: float) -> str:
-    """Bytes as a short binary-unit string."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
 
 def example_batch(config: Config, task: Task, tokenizer, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """One global train batch at the largest bucket, as sharded ``ShapeDtypeStruct``s: its fields and
@@ -131,8 +109,7 @@ def plan(config: Config, device_memory: Optional[int] = None) -> dict[str, Any]:
     compiled = step.lower(state, batch).compile(compiler_options=options)
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
+    peak = step_peak_bytes(memory)
     n_devices = int(np.prod(list(mesh.shape.values())))
     flops = float(cost.get("flops", 0.0))
     out = {

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ftjax import fault_points, hub, model_card, remat, sharding as S
 from ftjax.checkpoint import Checkpointer, abstract_like, export_pretrained, export_pytorch, metric_key, state_check
 from ftjax.config import Config
-from ftjax.data.batching import Batcher, agree_max
+from ftjax.data.batching import Batcher, agree_max, agree_min
 from ftjax.data.device import prefetch, to_device, to_host
 from ftjax.data.example_packing import pack_for_training
 from ftjax.data.loading import load_splits, subsample
@@ -41,6 +41,7 @@ from ftjax.errors import FtjaxError
 from ftjax.flat_dense import maybe_flat_dense
 from ftjax.flops import FlopCounter, optimizer_flops, peak_tflops
 from ftjax.lora import Adaptation, export_peft
+from ftjax.memory import device_memory, human, largest_fitting, step_peak_bytes
 from ftjax.models import (abstract_params, attach_params, check_max_length, gradient_checkpointing, load_tokenizer,
                           locate, place_params, uses_flax_module)
 from ftjax.optim import make_optimizer
@@ -115,6 +116,9 @@ class Trainer:
         started = time.perf_counter()
         self.splits: dict[str, Split] = self._prepare_data() if with_data else {}
         self.data_seconds = time.perf_counter() - started  # loading, checks, tokenization, packing
+        if self.args.bf16 and jax.default_backend() == "cpu":
+            log.warning("training.bf16 on CPU: XLA:CPU computes bfloat16 no faster than float32 (a BERT layer's "
+                        "forward + backward took 135 vs 112 ms, benchmarks/kernels.py); bf16 is for GPU and TPU")
         self.model, weights = self.task.load_model(model_cfg, self.args.bf16, self.tokenizer, seed=self.args.seed,
                                                    **(self.task.model_kwargs() if with_data else {}))
         # model.lora / model.freeze: what trains (None: everything); a trained model runs merged.
@@ -125,6 +129,8 @@ class Trainer:
             self.task.labels_from_model(self.model.config)
         self._batchers: dict[str, Batcher] = {}
         self._eval_step = None
+        self._eval_rows: Optional[int] = None  # rows per device of every evaluation batch, once chosen
+        self.eval_memory_needs: dict[int, int] = {}  # rows per device -> bytes per device (fit_eval_rows)
         self.state: Optional[TrainState] = None
 
     # ---------------------------------------------------------------- data
@@ -144,10 +150,12 @@ class Trainer:
             raw[split] = subsample(raw[split], d.max_eval_samples, seed)
         return self.task.prepare(raw, self.tokenizer)
 
-    def _batcher(self, rows, train: bool) -> Batcher:
+    def _batcher(self, rows, train: bool, per_device: Optional[int] = None) -> Batcher:
         args, d = self.args, self.config.data
-        size = (args.per_device_train_batch_size * args.gradient_accumulation_steps if train
-                else args.per_device_eval_batch_size) * S.data_parallel_size(self.mesh)
+        if per_device is None:
+            per_device = (args.per_device_train_batch_size * args.gradient_accumulation_steps if train
+                          else self.eval_rows_per_device(rows))
+        size = per_device * S.data_parallel_size(self.mesh)
         if size % jax.process_count():
             raise FtjaxError(f"global batch of {size} rows does not split over {jax.process_count()} processes")
         if isinstance(rows, BlockStream):
@@ -167,6 +175,55 @@ class Trainer:
                           groups=groups, max_buckets=d.max_buckets, sort_by_length=not train)
         batcher.pack_stats = pack_stats  # reported in results.json
         return batcher
+
+    def eval_rows_per_device(self, rows) -> int:
+        """``per_device_eval_batch_size``, or with ``training.auto_eval_batch_size`` the largest
+        doubling of it that fits the device (``fit_eval_rows``). Chosen at the first evaluated split
+        and kept for the others, so they share compiled shapes."""
+        if self._eval_rows is None:
+            args = self.args
+            self._eval_rows = self.fit_eval_rows(rows) if args.auto_eval_batch_size else args.per_device_eval_batch_size
+        return self._eval_rows
+
+    EVAL_MEMORY_FRACTION = 0.9  # of the device's memory; the rest is the runtime's and the allocator's
+    MAX_EVAL_ROWS_PER_DEVICE = 1024
+
+    def fit_eval_rows(self, rows) -> int:
+        """The largest of ``per_device_eval_batch_size`` times 1, 2, 4... (at most 1024, and no more
+        than ``rows`` or the largest evaluated split needs) whose evaluation step, compiled ahead of time for a
+        batch at the longest bucket, needs no more than ``EVAL_MEMORY_FRACTION`` of the device's
+        memory together with the optimizer state that stays resident (XLA's ``memory_analysis``:
+        arguments, outputs, temporaries per device). Without a known device memory (CPU, unless
+        ``training.device_memory`` is set) the configured size is kept."""
+        args, start = self.args, self.args.per_device_eval_batch_size
+        limit = device_memory(args.device_memory)
+        if limit is None:
+            log.info("auto_eval_batch_size: the %s backend reports no memory size, so evaluation keeps "
+                     "per_device_eval_batch_size=%d (set training.device_memory to size it)", jax.default_backend(), start)
+            return start
+        dp = S.data_parallel_size(self.mesh)
+        evaluated = [len(split.rows) for name, split in self.splits.items() if name != "train"]
+        cap = max(start, min(self.MAX_EVAL_ROWS_PER_DEVICE, -(-max([len(rows), *evaluated]) // dp)))
+        probe = self._batcher(rows, train=False, per_device=start)  # its buckets, fields and dtypes
+        example = self.task.host_transform(probe.make_batch(np.zeros(1, np.int64), probe.buckets[-1],
+                                                            [b[-1] for b in probe.group_buckets]), 0, False)
+        sharding = S.batch_sharding(self.mesh, 0)
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params())
+        resident = S.bytes_per_device(self.state.opt_state) if self.state else 0
+        budget = self.EVAL_MEMORY_FRACTION * limit - resident
+        needs = self.eval_memory_needs
+
+        def fits(per_device: int) -> bool:
+            batch = {k: jax.ShapeDtypeStruct((per_device * dp, *v.shape[1:]), v.dtype, sharding=sharding)
+                     for k, v in example.items()}
+            needs[per_device] = step_peak_bytes(self.eval_step.lower(params, batch).compile().memory_analysis())
+            return needs[per_device] <= budget
+        chosen = agree_min(largest_fitting(fits, start, cap))
+        log.info("auto_eval_batch_size: %d rows per device (%s; the budget is %.0f%% of %s less %s of "
+                 "optimizer state: %s)", chosen, f"evaluation step {human(needs[chosen])}" if chosen in needs
+                 else "the configured size", 100 * self.EVAL_MEMORY_FRACTION, human(limit), human(resident),
+                 human(budget))
+        return chosen
 
     def batcher(self, split: str) -> Batcher:
         if split not in self._batchers:
@@ -263,13 +320,18 @@ class Trainer:
         return self._merge(self.state.params, self.frozen) if self.adaptation else self.state.params
 
     # ---------------------------------------------------------------- evaluation
-    def _outputs(self, batcher: Batcher, params=None) -> dict[str, np.ndarray]:
-        """The task's per-row outputs of every real row, from all processes, in global row order."""
+    @property
+    def eval_step(self):
+        """The jitted evaluation step ``(params, batch) -> per-row outputs``."""
         if self._eval_step is None:
             def outputs(params, batch):
                 with maybe_flat_dense(self.args.flat_dense):
                     return self.task.outputs(self.model, params, batch)
             self._eval_step = jax.jit(make_eval_step(outputs))
+        return self._eval_step
+
+    def _outputs(self, batcher: Batcher, params=None) -> dict[str, np.ndarray]:
+        """The task's per-row outputs of every real row, from all processes, in global row order."""
         if params is None:
             params = self.params()  # on the mesh since loading (``place_params``)
         nb = int(agree_max([batcher.num_batches()])[0])
@@ -281,7 +343,7 @@ class Trainer:
 
         parts, pending = [], None
         for batch in self._device_batches(batcher, 0, 0, nb):
-            out = self._eval_step(params, batch)
+            out = self.eval_step(params, batch)
             if pending is not None:
                 parts.append(real_rows(pending))
             pending = out
@@ -602,6 +664,7 @@ class Trainer:
             if split in self.splits:
                 results[split] = (self._evals.get(final_step) if split == "validation" else None) \
                     or self.evaluate(split)
+        results["train"]["per_device_eval_batch_size"] = self._eval_rows  # known once a split was evaluated
         host_params = jax.tree.map(to_host, self.params())  # collective: every process takes part
         adapter = jax.tree.map(to_host, self.state.params) if self.adaptation and self.adaptation.targets else None
         if self.is_main:

@@ -22,6 +22,7 @@ from conftest import MINILM, tiny_family, tiny_overrides
 from ftjax import cli, models, plan, remat
 from ftjax.config import ModelConfig, load_config
 from ftjax.errors import FtjaxError
+from ftjax.memory import parse_bytes
 from ftjax.paths import resolve_path
 from ftjax.sharding import bytes_per_device, tree_shardings
 from ftjax.trainer import Trainer
@@ -214,7 +215,7 @@ def test_plan_matches_the_trainer_and_reads_no_weights(tiny_model, sentiment_csv
     def no_weights(*args, **kwargs):
         raise AssertionError("ftjax plan read weights")
     monkeypatch.setattr(transformers.modeling_flax_utils.FlaxPreTrainedModel, "from_pretrained", no_weights)
-    p = plan.plan(load_config(None, overrides), plan.parse_bytes("1GiB"))
+    p = plan.plan(load_config(None, overrides), parse_bytes("1GiB"))
     assert p["parameters"] == sum(x.size for x in jax.tree.leaves(trainer.state.params))
     assert p["param_bytes_per_device"] == max(_per_device(trainer.state.params).values())
     assert p["opt_bytes_per_device"] == max(_per_device(trainer.state.opt_state).values())

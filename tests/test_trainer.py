@@ -152,3 +152,43 @@ def test_the_last_evaluation_counts_for_the_best_model(tiny_model, sentiment_csv
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["task_options"] == {"text_pair_column": None, "problem_type": "auto"}
     assert config["model"]["name_or_path"] == tiny_model
+
+
+def _eval_sizing(tiny_model, data, out, **extra):
+    """A trainer whose evaluation batch starts at 2 rows per device, trained one epoch."""
+    return _train(tiny_model, data, out, **{"training.per_device_eval_batch_size": 2, "training.num_train_epochs": 1,
+                                            "training.eval_strategy": "no", "training.save_strategy": "no",
+                                            "training.auto_eval_batch_size": "true", **extra})
+
+
+def test_auto_eval_batch_size_takes_the_largest_size_that_fits(tiny_model, tmp_path):
+    """With room for everything, evaluation batches grow to the split (64 validation rows, 2 -> 64);
+    with the memory set between what 8 and 16 rows per device need, 8 is chosen; metrics are those
+    of the configured size."""
+    from conftest import write_sentiment_csv
+    data = str(write_sentiment_csv(tmp_path / "reviews.csv", n=640))
+    roomy, roomy_results = _eval_sizing(tiny_model, data, tmp_path / "roomy", **{"training.device_memory": "1TiB"})
+    needs = roomy.eval_memory_needs
+    assert roomy_results["train"]["per_device_eval_batch_size"] == 64
+    assert sorted(needs) == [4, 8, 16, 32, 64] and all(needs[2 * k] > needs[k] for k in (4, 8, 16, 32))
+    resident = sum(x.nbytes for x in jax.tree.leaves(roomy.state.opt_state))
+    between = int((needs[8] + needs[16]) / 2 + resident) / Trainer.EVAL_MEMORY_FRACTION
+    tight, _ = _eval_sizing(tiny_model, data, tmp_path / "tight", **{"training.device_memory": f"{int(between)}B"})
+    assert tight.eval_rows_per_device(None) == 8 and sorted(tight.eval_memory_needs) == [4, 8, 16]
+    fixed, fixed_results = _train(tiny_model, data, tmp_path / "fixed", **{
+        "training.per_device_eval_batch_size": 2, "training.num_train_epochs": 1, "training.eval_strategy": "no",
+        "training.save_strategy": "no"})
+    assert fixed_results["train"]["per_device_eval_batch_size"] == 2
+    for split in ("validation", "test"):
+        assert roomy_results[split]["accuracy"] == fixed_results[split]["accuracy"]
+        assert roomy_results[split]["loss"] == pytest.approx(fixed_results[split]["loss"], rel=1e-5)
+
+
+def test_auto_eval_batch_size_keeps_the_configured_size_where_memory_is_unknown(tiny_model, sentiment_csv,
+                                                                                tmp_path, caplog):
+    with caplog.at_level("INFO", logger="ftjax"):
+        trainer, results = _eval_sizing(tiny_model, sentiment_csv, tmp_path / "run")
+    assert results["train"]["per_device_eval_batch_size"] == 2 and trainer.eval_memory_needs == {}
+    assert "reports no memory size" in caplog.text and "training.device_memory" in caplog.text
+    with pytest.raises(FtjaxError, match="training.device_memory: cannot read 'lots'"):
+        load_config(None, tiny_overrides(tiny_model, sentiment_csv, tmp_path, **{"training.device_memory": "lots"}))
