@@ -4,7 +4,9 @@ The shapes are MiniLM-L6's at the classification benchmark's batch (32 rows x 64
 384, 12 heads, FFN 1536): the FFN matmul, the FFN's first Dense layer on ``[batch, tokens, hidden]``
 forward + backward, attention (softmax(QK^T)V) forward + backward, one whole BERT layer forward +
 backward, and one GPT-2 block (the same widths; its projections are ``FlaxConv1D``) forward +
-backward. The ``flat_dense`` setting runs the jax Dense layers on ``[rows, features]``
+backward; then the FFN matmul and the BERT layer in bfloat16 (jax: bf16 operands, and the Flax
+layer's ``dtype``; PyTorch: bf16 operands, and ``torch.autocast``), where this CPU's AMX units can
+serve the matmuls. The ``flat_dense`` setting runs the jax Dense layers on ``[rows, features]``
 (``ftjax.flat_dense``, what the trainer does on CPU). Each (framework, setting) runs in its own process; jax sides
 are jitted (compile excluded), PyTorch eager. Times are medians of ``--iters`` calls after warm-up,
 and the settings alternate ``--repeats`` times. Prints a table and writes
@@ -62,12 +64,14 @@ def child_jax(iters: int) -> dict:
     x, w = jax.random.normal(k[0], (B * T, H)), jax.random.normal(k[1], (H, FF))
     q, kk, v = (jax.random.normal(k[2 + i % 2], (B, NH, T, H // NH)) for i in range(3))
     matmul = jax.jit(lambda x, w: x @ w)
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
 
     def attention(q, k, v):
         p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) / 8.0, axis=-1)
         return jnp.einsum("bhqk,bhkd->bhqd", p, v).sum()
     attn = jax.jit(jax.grad(attention, argnums=(0, 1, 2)))
-    layer = FlaxBertLayer(BertConfig(hidden_size=H, num_attention_heads=NH, intermediate_size=FF))
+    bert_config = BertConfig(hidden_size=H, num_attention_heads=NH, intermediate_size=FF)
+    layer, layer16 = FlaxBertLayer(bert_config), FlaxBertLayer(bert_config, dtype=jnp.bfloat16)
     h, mask = jax.random.normal(k[0], (B, T, H)), jnp.ones((B, T))  # the layer broadcasts it itself
     gpt2 = FlaxGPT2Block(GPT2Config(n_embd=H, n_head=NH, n_inner=FF, n_positions=T))
     dense = nn.Dense(FF)
@@ -80,6 +84,7 @@ def child_jax(iters: int) -> dict:
                 return forward(p, h).sum()
         return jax.jit(jax.grad(loss, argnums=(0, 1)))
     grad = fwd_bwd(lambda p, h: layer.apply(p, h, mask, None, deterministic=True)[0])
+    grad16 = fwd_bwd(lambda p, h: layer16.apply(p, h, mask, None, deterministic=True)[0].astype(jnp.float32))
     gpt2_grad = fwd_bwd(lambda p, h: gpt2.apply(p, h, mask, deterministic=True)[0])
     dense_grad = fwd_bwd(lambda p, h: jax.nn.gelu(dense.apply(p, h)))
     block = jax.block_until_ready
@@ -87,7 +92,9 @@ def child_jax(iters: int) -> dict:
             "dense_fwd_bwd_ms": 1e3 * timed(lambda: block(dense_grad(dense_params, h)), iters),
             "attention_fwd_bwd_ms": 1e3 * timed(lambda: block(attn(q, kk, v)), iters),
             "bert_layer_fwd_bwd_ms": 1e3 * timed(lambda: block(grad(params, h)), iters),
-            "gpt2_block_fwd_bwd_ms": 1e3 * timed(lambda: block(gpt2_grad(gpt2_params, h)), iters)}
+            "gpt2_block_fwd_bwd_ms": 1e3 * timed(lambda: block(gpt2_grad(gpt2_params, h)), iters),
+            "bf16_matmul_ms": 1e3 * timed(lambda: block(matmul(x16, w16)), iters),
+            "bert_layer_bf16_fwd_bwd_ms": 1e3 * timed(lambda: block(grad16(params, h)), iters)}
 
 
 def child_torch(iters: int) -> dict:
@@ -97,6 +104,7 @@ def child_torch(iters: int) -> dict:
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
     torch.manual_seed(0)
     x, w = torch.randn(B * T, H), torch.randn(H, FF)
+    x16, w16 = x.bfloat16(), w.bfloat16()
     q, k, v = (torch.randn(B, NH, T, H // NH, requires_grad=True) for _ in range(3))
 
     def attn():
@@ -117,13 +125,20 @@ def child_torch(iters: int) -> dict:
         return step
     dense_step = fwd_bwd(dense, lambda: torch.nn.functional.gelu(dense(h)))
     layer_step = fwd_bwd(layer, lambda: layer(h, attention_mask=mask)[0])
+
+    def layer_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(h, attention_mask=mask)[0].float()
+    layer16_step = fwd_bwd(layer, layer_bf16)
     gpt2_step = fwd_bwd(gpt2, lambda: gpt2(h)[0])
     with torch.no_grad():
         matmul_ms = 1e3 * timed(lambda: x @ w, iters)
+        bf16_matmul_ms = 1e3 * timed(lambda: x16 @ w16, iters)
     return {"matmul_ms": matmul_ms, "dense_fwd_bwd_ms": 1e3 * timed(dense_step, iters),
             "attention_fwd_bwd_ms": 1e3 * timed(attn, iters),
             "bert_layer_fwd_bwd_ms": 1e3 * timed(layer_step, iters),
-            "gpt2_block_fwd_bwd_ms": 1e3 * timed(gpt2_step, iters), "torch_threads": torch.get_num_threads()}
+            "gpt2_block_fwd_bwd_ms": 1e3 * timed(gpt2_step, iters), "bf16_matmul_ms": bf16_matmul_ms,
+            "bert_layer_bf16_fwd_bwd_ms": 1e3 * timed(layer16_step, iters), "torch_threads": torch.get_num_threads()}
 
 
 def run_setting(name: str, iters: int) -> dict:
@@ -155,12 +170,13 @@ def main() -> None:
         args.iters, args.repeats = 3, 1
     runs = alternate({name: (lambda i, name=name: run_setting(name, args.iters)) for name in args.settings or SETTINGS},
                      args.repeats)
-    keys = ["matmul_ms", "dense_fwd_bwd_ms", "attention_fwd_bwd_ms", "bert_layer_fwd_bwd_ms", "gpt2_block_fwd_bwd_ms"]
+    keys = ["matmul_ms", "dense_fwd_bwd_ms", "attention_fwd_bwd_ms", "bert_layer_fwd_bwd_ms", "gpt2_block_fwd_bwd_ms",
+            "bf16_matmul_ms", "bert_layer_bf16_fwd_bwd_ms"]
     rows = []
     for name, rs in runs.items():
         row = {"setting": name}
         for key in keys:
-            s = spread([r[key] for r in rs])
+            s = spread([r.get(key, float("nan")) for r in rs])
             row[key] = f"{s['median']:.3g} [{s['min']:.3g}-{s['max']:.3g}]" if s["n"] > 1 else f"{s['median']:.3g}"
         row["load (1 min)"] = f"{statistics.median(r['loadavg_1min'] for r in rs):.1f}"
         rows.append(row)

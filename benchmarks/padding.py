@@ -9,7 +9,7 @@ Printed and written to benchmarks/results/padding.json: real tokens / padded tok
 of shapes (compiles) for
 
 * ``default``: the old default ``bucket_lengths`` [32, 64, 128, 256, 512];
-* ``config``: the buckets hand-picked in the config;
+* ``config``: the buckets hand-picked in the config, where it has them;
 * ``auto``: ``bucket_lengths: null``, chosen from the batches' longest rows (``data.max_buckets``);
 * ``packed``: ``data.packing: true`` (rows of ``model.max_length``, about as many examples per batch).
 """
@@ -73,8 +73,8 @@ def main() -> None:
     for name, path in CONFIGS.items():
         over = [] if args.max_train_samples is None else [f"data.max_train_samples={args.max_train_samples}"]
         config, task, rows = train_rows(path, over)
-        for label, buckets, packing in [("default", [32, 64, 128, 256, 512], False),
-                                        ("config", config.data.bucket_lengths, False),
+        hand_picked = [("config", config.data.bucket_lengths, False)] if config.data.bucket_lengths else []
+        for label, buckets, packing in [("default", [32, 64, 128, 256, 512], False), *hand_picked,
                                         ("auto", None, False), ("packed", None, True)]:
             result = measure(config, task, rows, buckets, packing, args.epochs)
             rows_out.append({"data": name, "batching": label, "examples": len(rows), **result})
