@@ -61,10 +61,7 @@ def example_batch(config: Config, task: Task, tokenizer, mesh) -> dict[str, jax.
         examples *= 4
     batcher = Batcher(prepared["train"].rows, rows, task.max_length, d.bucket_lengths,
                       pad_id=tokenizer.pad_token_id or 0, groups=task.length_groups())
-    order = np.full(rows, -1)
-    order[:min(rows, batcher.num_examples)] = np.arange(min(rows, batcher.num_examples))
-    batch = batcher.make_batch(order, batcher.buckets[-1], [b[-1] for b in batcher.group_buckets])
-    batch = task.host_transform(batch, 0, True)
+    batch = task.host_transform(batcher.largest_batch(rows), 0, True)
     if accum > 1:
         batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
     sharding = S.batch_sharding(mesh, 1 if accum > 1 else 0)

@@ -205,8 +205,7 @@ class Trainer:
         evaluated = [len(split.rows) for name, split in self.splits.items() if name != "train"]
         cap = max(start, min(self.MAX_EVAL_ROWS_PER_DEVICE, -(-max([len(rows), *evaluated]) // dp)))
         probe = self._batcher(rows, train=False, per_device=start)  # its buckets, fields and dtypes
-        example = self.task.host_transform(probe.make_batch(np.zeros(1, np.int64), probe.buckets[-1],
-                                                            [b[-1] for b in probe.group_buckets]), 0, False)
+        example = self.task.host_transform(probe.largest_batch(1), 0, False)
         sharding = S.batch_sharding(self.mesh, 0)
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params())
         resident = S.bytes_per_device(self.state.opt_state) if self.state else 0

@@ -221,6 +221,14 @@ class Batcher:
         self.stats.padded_tokens += len(rows) * length
         return batch
 
+    def largest_batch(self, size: int) -> dict[str, np.ndarray]:
+        """A batch of ``size`` rows (the first rows, then padding rows) padded to the last bucket of
+        every length group: the largest shapes this batcher produces, for compiling a step ahead of
+        time (``ftjax plan``, ``training.auto_eval_batch_size``)."""
+        order = np.full(size, -1)
+        order[:min(size, self.num_examples)] = np.arange(min(size, self.num_examples))
+        return self.make_batch(order, self.buckets[-1], [b[-1] for b in self.group_buckets])
+
     def batches(self, epoch: int = 0, start: int = 0, num_batches: Optional[int] = None
                 ) -> Iterator[dict[str, np.ndarray]]:
         """The epoch's batches from position ``start``; lengths agreed across processes."""
