@@ -186,6 +186,10 @@ class TrainingConfig:
     # Run nn.Dense layers on [rows, features] (ftjax.flat_dense: XLA:CPU's 3-D weight gradient is
     # slow); null: on where the backend is CPU.
     flat_dense: Optional[bool] = None
+    # CPU: after the first step, glibc keeps freed memory mapped, so XLA:CPU's step buffers are
+    # reused instead of faulted in anew each step (ftjax.host_memory: ~15% faster steps, a higher
+    # peak RSS). false: memory back to the OS at every step.
+    keep_host_memory: bool = True
     # [] turns both off; a single name is read as a one-item list.
     report_to: list[Literal["jsonl", "tensorboard"]] = dataclasses.field(
         default_factory=lambda: ["jsonl", "tensorboard"])

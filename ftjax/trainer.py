@@ -40,6 +40,7 @@ from ftjax.distributed import sync
 from ftjax.errors import FtjaxError
 from ftjax.flat_dense import maybe_flat_dense
 from ftjax.flops import FlopCounter, optimizer_flops, peak_tflops
+from ftjax.host_memory import keep_freed_memory
 from ftjax.lora import Adaptation, export_peft
 from ftjax.memory import device_memory, human, largest_fitting, step_peak_bytes
 from ftjax.models import (abstract_params, attach_params, check_max_length, gradient_checkpointing, load_tokenizer,
@@ -453,6 +454,7 @@ class Trainer:
         self._window: list[dict] = []  # fetched step metrics not logged yet
         self._evals: dict[int, dict] = {}  # step -> validation metrics of this session
         self.examples, self.seconds, self._started = 0.0, 0.0, None
+        self.host_memory_kept = False
         accum = args.gradient_accumulation_steps  # for TFLOP/s and MFU:
         self.flops = FlopCounter(accum, optimizer_flops(self.tx, self.state) if accum > 1 else 0.0)
         self.peak_tflops = peak_tflops(jax.devices()[0].device_kind, "bfloat16" if self.model.dtype == jnp.bfloat16
@@ -506,6 +508,8 @@ class Trainer:
                 for batch in batches:
                     frozen = [self.frozen] if self.adaptation else []
                     self.state, metrics = self.train_step(self.state, batch, *frozen)
+                    if args.keep_host_memory and not self.host_memory_kept and jax.default_backend() == "cpu":
+                        self.host_memory_kept = keep_freed_memory()  # compiled: from now on, reuse buffers
                     fault_points.reached("train_step")
                     self.flops.count(self.train_step, self.state, batch, *frozen)
                     self.step += 1
@@ -650,7 +654,7 @@ class Trainer:
             **self.flops.report(self.seconds, self.peak_tflops), "flops": self.flops.total,
             "device_peak_tflops": self.peak_tflops, "device_kind": jax.devices()[0].device_kind,
             "train_loss": next((r["train/loss"] for r in reversed(self.logger.history) if "train/loss" in r), None),
-            "padding_efficiency": train.stats.padding_efficiency,
+            "padding_efficiency": train.stats.padding_efficiency, "host_memory_kept": self.host_memory_kept,
             "packing": train.pack_stats.to_dict() if getattr(train, "pack_stats", None) else None,
             "compiles": {"train_step": self.train_step._cache_size(),
                          "eval_step": self._eval_step._cache_size() if self._eval_step else 0},

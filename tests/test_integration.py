@@ -17,6 +17,7 @@ def test_demo_config_on_real_minilm_and_tweets(tmp_path, capsys):
     assert final["validation_num_examples"] == 48 and final["test_num_examples"] == 48
     results = json.loads((out / "results.json").read_text())
     assert results["train"]["global_step"] == 6 and results["train"]["compiles"]["train_step"] <= 2
+    assert results["train"]["host_memory_kept"]  # CPU: step buffers reused (training.keep_host_memory)
     assert len(results["validation"]["confusion_matrix"]) == 3
     config = json.loads((out / "export" / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
