@@ -168,6 +168,7 @@ class Trainer:
             multiple = math.lcm(S.data_parallel_size(self.mesh) * args.gradient_accumulation_steps,
                                 jax.process_count())
             rows, size, groups, pack_stats = pack_for_training(self.task, self.model.config, rows, size, multiple)
+            buckets = buckets or [self.task.max_length]  # full rows: one shape, one compile
         batcher = Batcher(rows, size // jax.process_count(), self.task.max_length, buckets,
                           pad_id=self.tokenizer.pad_token_id or 0, seed=self.config.data_seed,
                           shuffle=train and d.shuffle,

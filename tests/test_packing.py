@@ -245,3 +245,6 @@ def test_packing_real_tweets_fills_rows(tiny_model):
     assert packed_batcher.stats.padding_efficiency >= 0.95
     # chosen buckets: evaluated splits share the first one's, so they share its compiled shapes
     assert trainer.batcher("test").buckets == trainer.batcher("validation").buckets
+    # packed rows take one shape, the row length, so a packed run compiles its train step once
+    packed_trainer = Trainer(load_config(None, over + ["data.packing=true"]))
+    assert {b["input_ids"].shape[1] for b in packed_trainer.batcher("train").batches(0)} == {128}
