@@ -53,9 +53,13 @@ def ftjax_overrides(s: dict, out: str) -> list[str]:
 
 
 def child_ftjax(s: dict) -> dict:
-    """Jitted train steps of the ftjax Trainer (host masking, prefetch and transfer included)."""
+    """Jitted train steps of the ftjax Trainer (host masking, prefetch and transfer included), in
+    a process set up as ``ftjax train`` sets up its own (``training.keep_host_memory`` included)."""
+    from ftjax.runtime import configure_process
+    configure_process()
     import jax
     from ftjax.config import load_config
+    from ftjax.host_memory import keep_freed_memory
     from ftjax.trainer import Trainer
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(load_config(None, ftjax_overrides(s, out)))
@@ -69,6 +73,8 @@ def child_ftjax(s: dict) -> dict:
                 jax.block_until_ready(trainer.state)
                 start = time.perf_counter()
             trainer.state, metrics = trainer.train_step(trainer.state, next(batches))
+            if step == 0 and trainer.args.keep_host_memory:
+                keep_freed_memory()  # as Trainer._loop does
         jax.block_until_ready(trainer.state)
         seconds = time.perf_counter() - start
         return {"loss": float(metrics["loss"]), "seconds": seconds,
