@@ -175,9 +175,8 @@ def test_auto_eval_batch_size_takes_the_largest_size_that_fits(tiny_model, tmp_p
     between = int((needs[8] + needs[16]) / 2 + resident) / Trainer.EVAL_MEMORY_FRACTION
     tight, _ = _eval_sizing(tiny_model, data, tmp_path / "tight", **{"training.device_memory": f"{int(between)}B"})
     assert tight.eval_rows_per_device(None) == 8 and sorted(tight.eval_memory_needs) == [4, 8, 16]
-    fixed, fixed_results = _train(tiny_model, data, tmp_path / "fixed", **{
-        "training.per_device_eval_batch_size": 2, "training.num_train_epochs": 1, "training.eval_strategy": "no",
-        "training.save_strategy": "no"})
+    fixed, fixed_results = _eval_sizing(tiny_model, data, tmp_path / "fixed",
+                                        **{"training.auto_eval_batch_size": "false"})
     assert fixed_results["train"]["per_device_eval_batch_size"] == 2
     for split in ("validation", "test"):
         assert roomy_results[split]["accuracy"] == fixed_results[split]["accuracy"]
