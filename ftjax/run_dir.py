@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +37,13 @@ def check_writable(output_dir: str | Path) -> Path:
     """``output_dir`` as an absolute path, or one clear error when it is a file, lies under a file,
     or cannot be created or written (checked before any data or model work)."""
     out = Path(output_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise FtjaxError(f"output_dir {out} is a file, not a folder: choose another training.output_dir")
-    existing = out
-    while not existing.exists():
+    existing, mode = out, _mode(out)
+    while mode is None:
         existing = existing.parent
-    if not existing.is_dir():
+        mode = _mode(existing)
+    if existing == out and not stat.S_ISDIR(mode):
+        raise FtjaxError(f"output_dir {out} is a file, not a folder: choose another training.output_dir")
+    if not stat.S_ISDIR(mode):
         raise FtjaxError(f"output_dir {out} lies under {existing}, which is a file: choose another "
                          "training.output_dir")
     for attempt in range(10):
@@ -54,6 +56,16 @@ def check_writable(output_dir: str | Path) -> Path:
             raise FtjaxError(f"output_dir {out} cannot be created or written to ({e.strerror}): choose another "
                              "training.output_dir") from None
     return out
+
+
+def _mode(path: Path) -> Optional[int]:
+    """``path``'s file mode from one ``stat``, or None where it does not exist. One call, not
+    ``exists()`` then ``is_dir()``: another process of the run may make and remove the folder
+    between two calls (its own write probe), which read as "a file"."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _probe(out: Path) -> None:
